@@ -1,0 +1,23 @@
+"""fqvit_pl.quant: the quantization parts of FQ-ViT, usable without Lightning.
+
+Bit types, the per-role configuration, observers, quantizers, quantized layers and the
+model-level calibration API. See ``shared/docs/fqvit-method.md`` for the numerical contract.
+"""
+
+from .bit_type import BIT_TYPES, BitType, get_bit_type
+from .calibrate import calibrate, default_reducer, disable_quantization, enable_quantization, is_calibrated, quant_modules
+from .config import METHODS, ROLES, PointConfig, QuantConfig
+from .modules import QuantAct, QuantConv2d, QuantLayerNorm, QuantLinear, QuantModule, QuantSoftmax
+from .observers import EmaObserver, MinMaxObserver, Observer, OmseObserver, PercentileObserver, PtfObserver, build_observer
+from .quantizers import Log2Quantizer, Quantizer, UniformQuantizer, build_quantizer
+from .reduce import DistributedReducer, LocalReducer, StatReducer, get_reducer, use_reducer
+
+__all__ = [
+    "BIT_TYPES", "BitType", "get_bit_type",
+    "METHODS", "ROLES", "PointConfig", "QuantConfig",
+    "Observer", "MinMaxObserver", "EmaObserver", "PercentileObserver", "OmseObserver", "PtfObserver", "build_observer",
+    "Quantizer", "UniformQuantizer", "Log2Quantizer", "build_quantizer",
+    "QuantModule", "QuantAct", "QuantLinear", "QuantConv2d", "QuantLayerNorm", "QuantSoftmax",
+    "calibrate", "enable_quantization", "disable_quantization", "is_calibrated", "quant_modules", "default_reducer",
+    "StatReducer", "LocalReducer", "DistributedReducer", "get_reducer", "use_reducer",
+]

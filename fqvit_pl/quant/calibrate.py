@@ -1,0 +1,139 @@
+"""Model-level API, no Lightning needed: the calibration protocol of §9 and the quantization switch."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from .modules import QuantAct, QuantModule
+from .reduce import DistributedReducer, LocalReducer, StatReducer, use_reducer
+
+__all__ = [
+    "quant_modules",
+    "calibrate",
+    "enable_quantization",
+    "disable_quantization",
+    "is_calibrated",
+    "default_reducer",
+]
+
+
+def quant_modules(model: nn.Module) -> list[QuantModule]:
+    """Every quantized layer of ``model``, named after its path (for error messages)."""
+    found = []
+    for name, module in model.named_modules():
+        if isinstance(module, QuantModule):
+            module.set_name(name or type(module).__name__)
+            found.append(module)
+    return found
+
+
+def _require_quant_modules(model: nn.Module, action: str) -> list[QuantModule]:
+    modules = quant_modules(model)
+    if not modules:
+        raise ValueError(f"cannot {action} {type(model).__name__}: it contains no fqvit_pl.quant layers")
+    return modules
+
+
+def is_calibrated(model: nn.Module) -> bool:
+    """Whether every quantization point of ``model`` has its parameters."""
+    return all(m.is_calibrated for m in quant_modules(model))
+
+
+def enable_quantization(model: nn.Module) -> nn.Module:
+    """Switch fake quantization (and integer LayerNorm / Log-Int-Softmax) on everywhere.
+
+    Raises ``RuntimeError`` naming the first uncalibrated point, before changing anything.
+    """
+    modules = _require_quant_modules(model, "quantize")
+    for module in modules:
+        if not module.is_calibrated:
+            raise RuntimeError(f"{module.qname}: cannot quantize before calibration (run fqvit_pl.quant.calibrate first)")
+    for module in modules:
+        module.set_quantization(True)
+    return model
+
+
+def disable_quantization(model: nn.Module) -> nn.Module:
+    """Switch fake quantization off everywhere: the model computes in float again (parameters kept)."""
+    for module in _require_quant_modules(model, "dequantize"):
+        module.set_quantization(False)
+    return model
+
+
+def default_reducer() -> StatReducer:
+    """Merge statistics over the default process group when one is initialized, else locally."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return DistributedReducer()
+    return LocalReducer()
+
+
+def _with_last_flag(batches: Iterable[Any]) -> Iterator[tuple[Any, bool]]:
+    iterator = iter(batches)
+    try:
+        current = next(iterator)
+    except StopIteration:
+        return
+    for upcoming in iterator:
+        yield current, False
+        current = upcoming
+    yield current, True
+
+
+def _snapshot(modules: list[QuantModule]) -> list[dict[str, Tensor]]:
+    return [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in modules]
+
+
+@torch.no_grad()
+def calibrate(
+    model: nn.Module,
+    batches: Iterable[Any],
+    forward: Callable[[nn.Module, Any], Any] | None = None,
+    reducer: StatReducer | None = None,
+) -> nn.Module:
+    """Calibrate ``model`` on ``batches`` by the protocol of §9, then switch quantization on.
+
+    Every batch is observed; on the last one each point computes its parameters as the forward pass
+    reaches it. ``batches`` yields model inputs (e.g. ``[B, 3, H, W]`` tensors); ``forward(model,
+    batch)`` overrides the default ``model(batch)``. Under an initialized process group the statistics
+    merge across ranks (``reducer``, default :func:`default_reducer`). Any earlier calibration is
+    discarded first. On error (no batches, NaN/Inf, a point never reached …) the model's
+    calibration state, flags and train/eval mode are restored and the error re-raised.
+    """
+    modules = _require_quant_modules(model, "calibrate")
+    forward = forward or (lambda m, batch: m(batch))
+    saved_state = _snapshot(modules)
+    was_training = model.training
+    seen = 0
+    try:
+        for module in modules:
+            module.reset_calibration()
+        model.eval()
+        with use_reducer(reducer or default_reducer()):
+            for batch, last in _with_last_flag(batches):
+                for module in modules:
+                    module.set_observing(True, last_batch=last)
+                forward(model, batch)
+                seen += 1
+        if seen == 0:
+            raise ValueError(f"cannot calibrate {type(model).__name__}: no calibration batches were given")
+        unreached = [m.qname for m in modules if isinstance(m, QuantAct) and not m.is_calibrated]
+        if unreached:
+            raise RuntimeError(
+                f"calibration never reached {len(unreached)} quantization point(s), first {unreached[0]!r}: "
+                "each point must run on every calibration batch"
+            )
+        for module in modules:
+            module.set_observing(False)
+        enable_quantization(model)
+    except BaseException:
+        for module, state in zip(modules, saved_state):
+            module.set_observing(False)
+            module.load_state_dict(state)
+        raise
+    finally:
+        model.train(was_training)
+    return model

@@ -1,0 +1,204 @@
+"""Quantized layers: the activation point, Linear, Conv2d, LayerNorm and Softmax (§6–§8).
+
+Mode flags live in buffers (``calibrated``, ``quant_enabled``) so checkpoints carry them; a Python
+mirror of each flag is what ``forward`` branches on, so a quantized forward never reads a tensor
+value on the host. The mirrors are refreshed whenever a state dict is loaded.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import PointConfig
+from .functional import int_layernorm, log_int_softmax
+from .observers import build_observer
+from .quantizers import build_quantizer
+
+__all__ = ["QuantModule", "QuantAct", "QuantLinear", "QuantConv2d", "QuantLayerNorm", "QuantSoftmax"]
+
+
+def _sync_flags(module: nn.Module, incompatible_keys: Any) -> None:
+    for sub in module.modules():
+        if isinstance(sub, QuantModule):
+            sub._sync_from_buffers()
+
+
+class QuantModule(nn.Module):
+    """Mixin of every quantized layer: the ``quant_enabled`` flag and a name for error messages.
+
+    ``qname`` defaults to the class name; :func:`fqvit_pl.quant.calibrate` sets it to the module's
+    path in the model so that errors name the layer at fault.
+    """
+
+    def _init_quant_state(self) -> None:
+        self.register_buffer("quant_enabled", torch.zeros((), dtype=torch.bool))
+        self._quantize = False
+        self.qname = type(self).__name__
+        self.register_load_state_dict_post_hook(_sync_flags)
+
+    def _sync_from_buffers(self) -> None:
+        self._quantize = bool(self.quant_enabled)
+
+    @property
+    def is_calibrated(self) -> bool:
+        """Whether every quantization parameter of this module has been computed."""
+        return True
+
+    def set_quantization(self, enabled: bool) -> None:
+        """Switch fake quantization on or off; on requires a calibrated module."""
+        if enabled and not self.is_calibrated:
+            raise RuntimeError(f"{self.qname}: cannot quantize before calibration (run fqvit_pl.quant.calibrate first)")
+        self.quant_enabled.fill_(enabled)
+        self._quantize = enabled
+
+    def reset_calibration(self) -> None:
+        """Forget observed statistics and computed parameters; quantization off."""
+        self.set_quantization(False)
+
+    def set_observing(self, observing: bool, last_batch: bool = False) -> None:
+        """Enter or leave calibration; ``last_batch`` marks the batch on which parameters are computed."""
+
+    def set_name(self, name: str) -> None:
+        """Name used in error messages (the module's path in its model)."""
+        self.qname = name
+
+
+class QuantAct(QuantModule):
+    """A quantization point ``Q(x)``: an observer plus a quantizer (§2, §6).
+
+    ``num_channels`` is the size of the channel axis (last dim; dim 1 for NCHW), needed for
+    per-channel configs; the output has the input's shape. With ``weight=True`` the point lays out
+    a weight (channel = dim 0).
+    """
+
+    def __init__(self, num_channels: int, config: PointConfig, weight: bool = False) -> None:
+        super().__init__()
+        per_channel = config.granularity == "channel"
+        self.config = config
+        self.observer = build_observer(config.observer, config.bit_type, num_channels, per_channel, weight)
+        self.quantizer = build_quantizer(config.quantizer, config.bit_type, num_channels, per_channel, weight)
+        self.register_buffer("calibrated", torch.zeros((), dtype=torch.bool))
+        self._init_quant_state()
+        self._calibrated = False
+        self._observing = False
+        self._last_batch = False
+
+    def set_name(self, name: str) -> None:
+        super().set_name(name)
+        self.observer.name = name
+
+    def _sync_from_buffers(self) -> None:
+        super()._sync_from_buffers()
+        self._calibrated = bool(self.calibrated)
+
+    @property
+    def is_calibrated(self) -> bool:
+        return self._calibrated
+
+    def reset_calibration(self) -> None:
+        super().reset_calibration()
+        self.observer.reset()
+        self.calibrated.fill_(False)
+        self._calibrated = False
+
+    def set_observing(self, observing: bool, last_batch: bool = False) -> None:
+        self._observing = observing
+        self._last_batch = observing and last_batch
+
+    @property
+    def scale(self) -> Tensor:
+        """The frozen scale (``[C]`` or ``[]``)."""
+        return self.quantizer.scale
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self._observing:
+            self.observer.update(x)
+            if self._last_batch:
+                self.quantizer.set_qparams(*self.observer.compute_qparams(x))
+                self.calibrated.fill_(True)
+                self._calibrated = True
+        if self._quantize:
+            return self.quantizer(x)
+        return x
+
+
+class QuantLinear(nn.Linear):
+    """``nn.Linear`` (same parameter names) whose weight passes through the point ``weight_quant``.
+
+    The weight point is per output channel (int8, minmax by default); ``x`` is ``[..., in_features]``.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, config: PointConfig) -> None:
+        super().__init__(in_features, out_features, bias)
+        self.weight_quant = QuantAct(out_features, config, weight=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight_quant(self.weight), self.bias)
+
+
+class QuantConv2d(nn.Conv2d):
+    """``nn.Conv2d`` (same parameter names) whose weight passes through the point ``weight_quant``."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: Any, stride: Any = 1, padding: Any = 0,
+                 bias: bool = True, *, config: PointConfig) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=bias)
+        self.weight_quant = QuantAct(out_channels, config, weight=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._conv_forward(x, self.weight_quant(self.weight), self.bias)
+
+
+class QuantLayerNorm(nn.LayerNorm, QuantModule):
+    """``nn.LayerNorm`` (same parameter names) with the integer mode of §7.
+
+    ``forward(x, in_point, out_point)``: with ``integer=True`` and quantization on, computes the
+    integer LayerNorm from ``in_point``'s per-channel scales and ``out_point``'s scale; otherwise the
+    float LayerNorm (the points are then unused). ``x`` is ``[..., C]``.
+    """
+
+    def __init__(self, normalized_shape: int, eps: float = 1e-6, *, integer: bool = False) -> None:
+        super().__init__(normalized_shape, eps=eps)
+        self.integer = integer
+        self._init_quant_state()
+
+    def forward(self, x: Tensor, in_point: QuantAct | None = None, out_point: QuantAct | None = None) -> Tensor:
+        if self._quantize and self.integer:
+            if in_point is None or out_point is None:
+                raise RuntimeError(f"{self.qname}: the integer LayerNorm needs its input and output points")
+            return int_layernorm(x, in_point.scale, out_point.scale, self.weight, self.bias)
+        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
+class QuantSoftmax(QuantModule):
+    """Softmax over the last dim (§8): Log-Int-Softmax when ``lis``, else float softmax plus a point.
+
+    ``forward(x, in_point)``: ``in_point`` is the quantization point that produced ``x``; its scale
+    feeds Log-Int-Softmax. With ``lis``, the integer path runs once quantization is on, and also on
+    the last calibration batch as soon as ``in_point`` has its scale (§9, as published).
+    """
+
+    def __init__(self, config: PointConfig, lis: bool) -> None:
+        super().__init__()
+        self.lis = lis
+        self.bit_type = config.bit_type
+        # With lis the output lies on the log grid already: no point follows it.
+        self.point = None if lis else QuantAct(1, config)
+        self._init_quant_state()
+        self._last_batch = False
+
+    def set_observing(self, observing: bool, last_batch: bool = False) -> None:
+        self._last_batch = observing and last_batch
+
+    def forward(self, x: Tensor, in_point: QuantAct | None = None) -> Tensor:
+        if self.lis:
+            ready = in_point is not None and in_point.is_calibrated
+            if self._quantize or (self._last_batch and ready):
+                if in_point is None:
+                    raise RuntimeError(f"{self.qname}: Log-Int-Softmax needs the point that quantized its input")
+                return log_int_softmax(x, in_point.scale, self.bit_type)
+            return x.softmax(dim=-1)
+        return self.point(x.softmax(dim=-1))
