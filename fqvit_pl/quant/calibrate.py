@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
@@ -18,6 +19,7 @@ __all__ = [
     "disable_quantization",
     "is_calibrated",
     "default_reducer",
+    "calibration_checksum",
 ]
 
 
@@ -71,16 +73,44 @@ def default_reducer() -> StatReducer:
     return LocalReducer()
 
 
-def _with_last_flag(batches: Iterable[Any]) -> Iterator[tuple[Any, bool]]:
+def _with_last_flag(batches: Iterable[Any], reducer: StatReducer) -> Iterator[tuple[Any, bool]]:
+    """Yield ``(batch, is_last)``; every rank must agree on which batch is the last."""
     iterator = iter(batches)
-    try:
-        current = next(iterator)
-    except StopIteration:
-        return
-    for upcoming in iterator:
-        yield current, False
+    sentinel = object()
+    current = next(iterator, sentinel)
+    while current is not sentinel:
+        upcoming = next(iterator, sentinel)
+        last = upcoming is sentinel
+        if reducer.distributed:
+            flag = torch.tensor([float(last)])
+            if reducer.reduce(flag, "min").item() != reducer.reduce(flag, "max").item():
+                raise RuntimeError(
+                    "calibration: the processes have different numbers of calibration batches; "
+                    "every rank must observe the same number of batches"
+                )
+        yield current, last
         current = upcoming
-    yield current, True
+
+
+def calibration_checksum(model: nn.Module) -> int:
+    """A 63-bit digest of every quantization buffer of ``model`` (identical models give equal digests)."""
+    digest = hashlib.sha256()
+    for module in quant_modules(model):
+        for name, tensor in sorted(module.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return int.from_bytes(digest.digest()[:8], "little") >> 1
+
+
+def _check_ranks_agree(model: nn.Module, reducer: StatReducer) -> None:
+    if not reducer.distributed:
+        return
+    checksum = torch.tensor([calibration_checksum(model)], dtype=torch.long)
+    if not torch.equal(reducer.reduce(checksum, "min"), reducer.reduce(checksum, "max")):
+        raise RuntimeError(
+            "calibration: the processes ended with different quantization parameters "
+            "(their calibration checksums differ); the merged statistics are inconsistent"
+        )
 
 
 def _snapshot(modules: list[QuantModule]) -> list[dict[str, Tensor]]:
@@ -100,11 +130,13 @@ def calibrate(
     reaches it. ``batches`` yields model inputs (e.g. ``[B, 3, H, W]`` tensors); ``forward(model,
     batch)`` overrides the default ``model(batch)``. Under an initialized process group the statistics
     merge across ranks (``reducer``, default :func:`default_reducer`). Any earlier calibration is
-    discarded first. On error (no batches, NaN/Inf, a point never reached …) the model's
+    discarded first. Under a process group every rank must pass the same number of batches, and
+    the ranks' final parameters are compared by checksum (``RuntimeError`` if they differ). On error (no batches, NaN/Inf, a point never reached …) the model's
     calibration state, flags and train/eval mode are restored and the error re-raised.
     """
     modules = _require_quant_modules(model, "calibrate")
     forward = forward or (lambda m, batch: m(batch))
+    reducer = reducer or default_reducer()
     saved_state = _snapshot(modules)
     was_training = model.training
     seen = 0
@@ -112,8 +144,8 @@ def calibrate(
         for module in modules:
             module.reset_calibration()
         model.eval()
-        with use_reducer(reducer or default_reducer()):
-            for batch, last in _with_last_flag(batches):
+        with use_reducer(reducer):
+            for batch, last in _with_last_flag(batches, reducer):
                 for module in modules:
                     module.set_observing(True, last_batch=last)
                 forward(model, batch)
@@ -129,6 +161,7 @@ def calibrate(
         for module in modules:
             module.set_observing(False)
         enable_quantization(model)
+        _check_ranks_agree(model, reducer)
     except BaseException:
         for module, state in zip(modules, saved_state):
             module.set_observing(False)

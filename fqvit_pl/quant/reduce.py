@@ -55,6 +55,9 @@ class DistributedReducer(StatReducer):
 
     def __init__(self, group: dist.ProcessGroup | None = None) -> None:
         self.group = group
+        # NCCL only moves CUDA tensors; gloo and others take CPU ones.
+        nccl = dist.get_backend(group) == "nccl"
+        self.device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
 
     @property
     def distributed(self) -> bool:
@@ -62,11 +65,11 @@ class DistributedReducer(StatReducer):
 
     def reduce(self, value: Tensor, rule: MergeRule) -> Tensor:
         if rule == "cat":
-            return self._gather_cat(value.reshape(-1))
+            return self._gather_cat(value.reshape(-1).to(self.device)).to(value.device)
         op = {"min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX, "sum": dist.ReduceOp.SUM}[rule]
-        out = value.clone()
+        out = value.to(self.device, copy=True)
         dist.all_reduce(out, op=op, group=self.group)
-        return out
+        return out.to(value.device)
 
     def _gather_cat(self, value: Tensor) -> Tensor:
         world = dist.get_world_size(self.group)
