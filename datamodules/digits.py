@@ -9,6 +9,7 @@ from sklearn.datasets import load_digits
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from datamodules.imagenet import calibration_subset
+from fqvit_pl.distributed import eval_sampler
 
 __all__ = ["DigitsDataModule"]
 
@@ -119,6 +120,7 @@ class DigitsDataModule(pl.LightningDataModule):
             dataset,
             batch_size=batch_size,
             shuffle=shuffle,
+            sampler=eval_sampler(dataset) if split == "val" else None,
             drop_last=drop_last,
             num_workers=self.num_workers,
             # The calibration loader is iterated once; its workers need not persist.

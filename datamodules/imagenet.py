@@ -10,6 +10,7 @@ from timm.data import create_transform
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.datasets import ImageFolder
 
+from fqvit_pl.distributed import eval_sampler
 from fqvit_pl.models.preprocess import create_eval_transform, resolve_data_config
 
 __all__ = ["ImageNetDataModule", "calibration_subset", "strict_pil_loader"]
@@ -182,12 +183,13 @@ class ImageNetDataModule(pl.LightningDataModule):
     # -- loaders --------------------------------------------------------------------------
 
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, drop_last: bool,
-                persistent: bool = True) -> DataLoader:
+                persistent: bool = True, evaluation: bool = False) -> DataLoader:
         generator = torch.Generator().manual_seed(self.seed) if shuffle else None
         return DataLoader(
             dataset,
             batch_size=batch_size,
             shuffle=shuffle,
+            sampler=eval_sampler(dataset) if evaluation else None,
             drop_last=drop_last,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
@@ -200,8 +202,8 @@ class ImageNetDataModule(pl.LightningDataModule):
         return self._loader(self._dataset("train", self.train_transform), self.batch_size, True, False)
 
     def val_dataloader(self) -> DataLoader:
-        """Val split, eval transform, in order, every image exactly once."""
-        return self._loader(self._dataset("val", "eval"), self.batch_size, False, False)
+        """Val split, eval transform, in order, every image exactly once (also over several processes)."""
+        return self._loader(self._dataset("val", "eval"), self.batch_size, False, False, evaluation=True)
 
     def test_dataloader(self) -> DataLoader:
         """Same as :meth:`val_dataloader` (ImageNet's test labels are not public)."""
