@@ -1,0 +1,116 @@
+"""``create_model``: a registered network, its quantization configuration and its weights in one call."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+from torch import nn
+
+from ..quant import ROLES, QuantConfig
+from .checkpoint import load_checkpoint
+from .preprocess import resolve_data_config
+from .registry import ModelSpec, resolve_model_name
+from .swin import QuantSwinTransformer
+from .vit import QuantVisionTransformer
+
+__all__ = ["create_model"]
+
+_BUILDERS: dict[str, type[nn.Module]] = {
+    "deit": QuantVisionTransformer,
+    "vit": QuantVisionTransformer,
+    "swin": QuantSwinTransformer,
+}
+
+
+def _architecture_kwargs(spec: ModelSpec, model_kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
+    builder = _BUILDERS[spec.family]
+    model_kwargs = dict(model_kwargs or {})
+    unknown = sorted(set(model_kwargs) - set(builder.architecture_args()))
+    if unknown:
+        raise ValueError(
+            f"create_model({spec.name!r}): unknown model_kwargs {unknown}; a {spec.family} model accepts "
+            f"{list(builder.architecture_args())}"
+        )
+    return {**spec.kwargs, **model_kwargs}
+
+
+def _pretrained_state(spec: ModelSpec, tag: str, num_classes: int, model_kwargs: Mapping[str, Any]) -> dict:
+    """The §11 weights as timm builds them (timm downloads, caches and converts)."""
+    import timm
+
+    name = f"{spec.architecture}.{tag}"
+    reference = timm.create_model(name, pretrained=True, num_classes=num_classes, **model_kwargs)
+    return reference.state_dict()
+
+
+def create_model(
+    name: str,
+    *,
+    method: str = "minmax",
+    ptf: bool = True,
+    lis: bool = True,
+    pretrained: bool = False,
+    checkpoint_path: str | os.PathLike[str] | None = None,
+    num_classes: int = 1000,
+    model_kwargs: Mapping[str, Any] | None = None,
+    **overrides: Mapping[str, Any],
+) -> nn.Module:
+    """Build a quantized network of the published table, uncalibrated (it computes in float).
+
+    Args:
+        name: a short name (``deit_tiny`` …, see :func:`list_models`), timm's architecture name
+            (``deit_tiny_patch16_224``), either with a timm ``.tag`` (used by ``pretrained``).
+        method, ptf, lis: the three choices of the method (§2), see :class:`fqvit_pl.quant.QuantConfig`.
+        pretrained: load the §11 weights through timm (``timm.create_model(arch.tag, pretrained=True)``).
+        checkpoint_path: load a local checkpoint instead (see :func:`load_checkpoint`).
+        num_classes: size of the classifier.
+        model_kwargs: timm architecture arguments overriding the registered ones, for reduced models
+            (ViT: ``img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, qkv_bias``;
+            Swin: ``img_size, patch_size, in_chans, embed_dim, depths, num_heads, window_size, mlp_ratio,
+            qkv_bias``). With ``pretrained`` they also reach timm.
+        **overrides: per-role changes of the quantization configuration, e.g.
+            ``activation={"bit_type": "uint6"}``; roles are ``weight, activation, ln_input, softmax``.
+
+    Returns:
+        A :class:`QuantVisionTransformer` or :class:`QuantSwinTransformer` in eval mode, mapping
+        ``[B, in_chans, H, W]`` images to ``[B, num_classes]`` logits. Its ``pretrained_cfg`` holds the
+        §10 data config (mean, std, crop_pct, input_size) and the timm name of its weights.
+
+    Raises:
+        ValueError: unknown name (the message lists the available ones), unknown keyword argument or
+            model_kwargs, both ``pretrained`` and ``checkpoint_path``.
+        FileNotFoundError: ``checkpoint_path`` does not exist.
+        CheckpointError: a checkpoint that cannot be read or does not fit.
+    """
+    spec, tag = resolve_model_name(name)
+    unknown = sorted(set(overrides) - set(ROLES))
+    if unknown:
+        raise ValueError(
+            f"create_model({name!r}): unknown keyword argument(s) {unknown}; quantization overrides are keyed by role "
+            f"{list(ROLES)}, architecture arguments go in model_kwargs"
+        )
+    if pretrained and checkpoint_path is not None:
+        raise ValueError(f"create_model({name!r}): give pretrained=True or checkpoint_path, not both")
+    if checkpoint_path is not None and not os.path.isfile(checkpoint_path):  # before building a large network
+        raise FileNotFoundError(f"checkpoint {os.fspath(checkpoint_path)!r} does not exist")
+    qconfig = QuantConfig(method, ptf, lis, overrides=dict(overrides))
+    arch_kwargs = _architecture_kwargs(spec, model_kwargs)
+    builder = _BUILDERS[spec.family]
+    extra = {"input_quant": spec.input_quant} if builder is QuantVisionTransformer else {}
+    model = builder(qconfig, num_classes=num_classes, model_name=spec.name, **extra, **arch_kwargs)
+    in_chans, height, width = model.pretrained_cfg["input_size"]
+    data_config = resolve_data_config(spec.name, img_size=height)
+    model.pretrained_cfg = {
+        **data_config,
+        "input_size": (in_chans, height, width),
+        "architecture": spec.architecture,
+        "tag": tag,
+        "num_classes": num_classes,
+    }
+    if pretrained:
+        state = _pretrained_state(spec, tag, num_classes, dict(model_kwargs or {}))
+        load_checkpoint(model, state, source=f"timm pretrained weights {spec.architecture}.{tag}")
+    elif checkpoint_path is not None:
+        load_checkpoint(model, checkpoint_path)
+    return model.eval()
