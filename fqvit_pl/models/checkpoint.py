@@ -22,7 +22,7 @@ from typing import Any, Mapping, NoReturn, Union
 import torch
 from torch import Tensor, nn
 
-from ..quant import QuantModule
+from ..quant import QuantModule, reset_calibration
 
 __all__ = ["CheckpointError", "load_checkpoint", "read_checkpoint", "extract_state_dict", "quant_state_keys"]
 
@@ -148,13 +148,6 @@ def _convert(model: nn.Module, state: dict[str, Tensor], float_state: Mapping[st
                       f" (timm's checkpoint filter failed: {type(err).__name__}: {err})")
 
 
-def _reset_calibration(model: nn.Module) -> None:
-    """Forget every quantized layer's statistics and parameters; quantization off."""
-    for module in model.modules():
-        if isinstance(module, QuantModule):
-            module.reset_calibration()
-
-
 @torch.no_grad()
 def load_checkpoint(model: nn.Module, checkpoint: Checkpoint, *, source: str | None = None) -> nn.Module:
     """Load ``checkpoint`` (a file path or a state dict) into ``model`` strictly; returns ``model``.
@@ -187,7 +180,7 @@ def load_checkpoint(model: nn.Module, checkpoint: Checkpoint, *, source: str | N
     report = _fit_report(converted, float_state)
     if report:
         _raise_misfit(source, model, report, "float checkpoint")
-    _reset_calibration(model)
+    reset_calibration(model)
     full = model.state_dict()
     full.update(converted)
     model.load_state_dict(full, strict=True)

@@ -17,6 +17,7 @@ __all__ = [
     "calibrate",
     "enable_quantization",
     "disable_quantization",
+    "reset_calibration",
     "is_calibrated",
     "default_reducer",
     "calibration_checksum",
@@ -63,6 +64,13 @@ def disable_quantization(model: nn.Module) -> nn.Module:
     """Switch fake quantization off everywhere: the model computes in float again (parameters kept)."""
     for module in _require_quant_modules(model, "dequantize"):
         module.set_quantization(False)
+    return model
+
+
+def reset_calibration(model: nn.Module) -> nn.Module:
+    """Forget every observed statistic and computed parameter of ``model``; quantization off."""
+    for module in _require_quant_modules(model, "reset"):
+        module.reset_calibration()
     return model
 
 

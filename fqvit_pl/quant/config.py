@@ -73,6 +73,8 @@ class QuantConfig:
                 self.point(role)
             except ValueError as err:
                 raise ValueError(f"QuantConfig: role {role!r}: {err}") from None
+        if self.point("softmax").granularity != "tensor":
+            raise ValueError("QuantConfig: role 'softmax' is quantized per tensor; granularity must be 'tensor'")
 
     def _default(self, role: str) -> PointConfig:
         if role == "weight":
