@@ -58,6 +58,7 @@ def test_overrides_change_single_fields():
         ({"overrides": {"activation": {"bit_type": "float16"}}}, "unknown bit type 'float16'"),
         ({"overrides": {"activation": {"observer": "ptf"}}}, "per channel"),
         ({"overrides": {"weight": {"granularity": "row"}}}, "unknown granularity"),
+        ({"lis": False, "overrides": {"softmax": {"granularity": "channel"}}}, "'softmax' is quantized per tensor"),
     ],
 )
 def test_bad_config_names_the_problem(kwargs, message):
