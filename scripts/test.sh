@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Run the test suite, installing the package and pytest first when they are missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! python -c "import torch, torchvision, timm, pytorch_lightning, torchmetrics, jsonargparse, sklearn, docstring_parser, pytest" 2>/dev/null; then
+    python -m pip install -e ".[dev]"
+fi
+python -m pytest -q "$@"
