@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
+from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
@@ -29,6 +30,8 @@ def _eval_metrics(num_classes: int) -> nn.ModuleDict:
         "top5": MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro"),
         "fp_top1": MulticlassAccuracy(num_classes, top_k=1, average="micro"),
         "fp_agreement": MulticlassAccuracy(num_classes, top_k=1, average="micro"),
+        # Weighted by batch size and summed over ranks: exact however the images are split.
+        "loss": MeanMetric(),
     })
 
 
@@ -178,7 +181,8 @@ class QuantViTModule(pl.LightningModule):
         size = len(y)
         metrics["top1"](logits, y)
         metrics["top5"](logits, y)
-        self.log(f"{stage}/loss", F.cross_entropy(logits, y), batch_size=size, sync_dist=True)
+        metrics["loss"](F.cross_entropy(logits, y), weight=size)
+        self.log(f"{stage}/loss", metrics["loss"], batch_size=size)
         self.log(f"{stage}/top1", metrics["top1"], prog_bar=True, batch_size=size)
         self.log(f"{stage}/top5", metrics["top5"], batch_size=size)
         if self.fp_agreement and self._quantized:

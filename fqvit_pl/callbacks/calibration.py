@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 from typing_extensions import override
 
+from fqvit_pl.distributed import shard_batch
 from fqvit_pl.quant import calibrate as calibrate_model
 from fqvit_pl.quant import disable_quantization, enable_quantization, is_calibrated, quant_modules, reset_calibration
 
@@ -170,7 +171,7 @@ class QuantCalibration(pl.Callback):
         start = time.perf_counter()
         with tqdm(batches, total=total, desc="Calibration", disable=not show, leave=False,
                   dynamic_ncols=True) as bar:
-            calibrate_model(pl_module, self._inputs(bar, pl_module, counter), forward=self.forward)
+            calibrate_model(pl_module, self._inputs(bar, trainer, pl_module, counter), forward=self.forward)
         seconds = time.perf_counter() - start
         if limit is not None and counter["batches"] < limit:
             rank_zero_warn(f"QuantCalibration: {source} gave only {counter['batches']} of the {limit} "
@@ -186,14 +187,17 @@ class QuantCalibration(pl.Callback):
             f"({counter['images']} images) from {source} in {seconds:.1f} s"
         )
 
-    def _inputs(self, batches: Iterable[Any], pl_module: pl.LightningModule,
+    def _inputs(self, batches: Iterable[Any], trainer: pl.Trainer, pl_module: pl.LightningModule,
                 counter: dict[str, int]) -> Iterator[Any]:
+        # Each rank observes its contiguous part of every global batch; the quant core merges the
+        # statistics, so W ranks compute exactly what one process computes on the whole batch.
         for batch in batches:
-            inputs = move_data_to_device(self.batch_to_input(batch), pl_module.device)
+            inputs = self.batch_to_input(batch)
             counter["batches"] += 1
             if isinstance(inputs, Tensor) and inputs.dim() > 0:
                 counter["images"] += inputs.shape[0]
-            yield inputs
+            inputs = shard_batch(inputs, trainer.global_rank, trainer.world_size)
+            yield move_data_to_device(inputs, pl_module.device)
 
     def forward(self, pl_module: nn.Module, inputs: Any) -> Any:
         """Run the module on one calibration input; default ``pl_module(inputs)``."""
