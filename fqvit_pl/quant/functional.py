@@ -23,6 +23,7 @@ __all__ = [
     "fake_quantize",
     "exact_quantile",
     "quantile_tail_size",
+    "extreme_values",
     "omse_candidate_errors",
     "ptf_scales",
     "ptf_channel_errors",
@@ -34,6 +35,38 @@ __all__ = [
 
 #: float32 machine epsilon, the smallest scale (§4).
 EPS = float(torch.finfo(torch.float32).eps)
+
+# Speed notes (bit-identical fast paths).
+# Each formula below is written once. When no gradient has to flow (grad mode off, inference mode,
+# or no input requires grad) the elementwise chains run in place on a tensor the function owns:
+# the same IEEE operations in the same order on the same operands, so the results are bit for bit
+# those of the out-of-place chain, with fewer allocations (on CPU every fresh multi-MB tensor costs
+# page faults). ``torch.pow(2.0, k)`` for an integer-valued ``k`` is replaced by ``torch.exp2(k)``:
+# both return the exact power of two (or 0 / inf / nan for the same k) on every integer of the
+# range used here, checked exhaustively by tests/quant/test_speed_paths.py, and exp2 is ~8x faster.
+# A division by an exact power of two ``p`` is kept as a division. With autograd needed, the plain
+# out-of-place transcription runs (the gradients of these floor/round chains are zero anyway).
+# Under torch.compile the integer LayerNorm and Log-Int-Softmax run as opaque custom ops
+# (``torch.ops.fqvit.*``) whose kernel is the eager fast path: the compiled model computes them bit
+# for bit as eager (inductor would sum the float32 squares in another order, and recompute the long
+# exponent chain in each reduction loop); the fake quantization is left to inductor to fuse (exact:
+# the same IEEE operations, and inductor keeps true division on CPU).
+
+
+def _needs_autograd(*tensors: Tensor) -> bool:
+    """Whether an in-place chain could break autograd: grad mode on and some input requires grad."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors if isinstance(t, Tensor))
+
+
+def _all_float32(*tensors: Tensor) -> bool:
+    return all(t.dtype == torch.float32 for t in tensors if isinstance(t, Tensor))
+
+
+def _fits_in_place(out: Tensor, other: Tensor) -> bool:
+    """Whether ``out.op_(other)`` gives the shape and dtype of ``out op other`` (pure Python: no graph break)."""
+    if other.dtype != out.dtype or other.dim() > out.dim():
+        return False
+    return all(o == 1 or o == t for o, t in zip(reversed(other.shape), reversed(out.shape)))
 
 
 def channel_layout(x: Tensor, *, weight: bool = False) -> Tensor:
@@ -92,7 +125,11 @@ def range_to_qparams(min_val: Tensor, max_val: Tensor, bit_type: BitType) -> tup
 
 def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, bit_type: BitType) -> Tensor:
     """``(clamp(round(x/scale + zp), lower, upper) - zp) * scale`` (§4); scale/zp already broadcastable."""
-    q = torch.clamp(torch.round(x / scale + zero_point), bit_type.lower, bit_type.upper)
+    q = x / scale
+    if not _needs_autograd(x, scale, zero_point) and _fits_in_place(q, zero_point) and _fits_in_place(q, scale):
+        # Same operations, same order, in place on the fresh quotient.
+        return q.add_(zero_point).round_().clamp_(bit_type.lower, bit_type.upper).sub_(zero_point).mul_(scale)
+    q = torch.clamp(torch.round(q + zero_point), bit_type.lower, bit_type.upper)
     return (q - zero_point) * scale
 
 
@@ -134,6 +171,39 @@ def exact_quantile(values: Tensor, q: float, *, numel: int | None = None) -> Ten
     return torch.lerp(low, high, torch.tensor(weight, dtype=values.dtype, device=values.device))
 
 
+def extreme_values(values: Tensor, upper_k: int, lower_k: int, *, rows: int = 4096) -> tuple[Tensor, Tensor]:
+    """The ``upper_k`` largest and the ``lower_k`` smallest entries of ``values`` (flattened), unsorted.
+
+    The same multisets as ``torch.topk(values, k, largest=...).values``, at about the cost of an
+    ``amax`` and an ``amin`` pass: the data is cut into ``rows`` slices; if ``M`` is the k-th largest slice
+    maximum, ``k`` slices hold an entry ``>= M``, so the k-th largest entry is ``>= M`` and every
+    one of the ``k`` largest lies in a slice whose maximum is ``>= M`` (ties included, as ``>=``
+    keeps every slice that could hold a copy). ``topk`` then runs on those few slices only. With a
+    NaN the plain ``torch.topk`` runs (NaN sorts above everything there).
+    """
+    values = values.reshape(-1)
+    n = values.numel()
+    per_row = n // rows
+    if per_row < 2 or max(upper_k, lower_k) * 4 > rows:
+        return (torch.topk(values, upper_k, largest=True, sorted=False).values,
+                torch.topk(values, lower_k, largest=False, sorted=False).values)
+    head, rest = values[: per_row * rows].view(rows, per_row), values[per_row * rows :]
+    row_max, row_min = head.amax(dim=1), head.amin(dim=1)  # (torch.aminmax(dim=1) is ~10x slower on CPU)
+    if bool(torch.isnan(row_max).any()):
+        return (torch.topk(values, upper_k, largest=True, sorted=False).values,
+                torch.topk(values, lower_k, largest=False, sorted=False).values)
+
+    def tail(row_ext: Tensor, k: int, largest: bool) -> Tensor:
+        if k == 0:
+            return values[:0]
+        bound = torch.topk(row_ext, k, largest=largest, sorted=False).values
+        keep = row_ext >= bound.min() if largest else row_ext <= bound.max()
+        candidates = torch.cat([head[keep].reshape(-1), rest])
+        return torch.topk(candidates, k, largest=largest, sorted=False).values
+
+    return tail(row_max, upper_k, True), tail(row_min, lower_k, False)
+
+
 def omse_candidate_errors(
     x: Tensor, min_val: Tensor, max_val: Tensor, bit_type: BitType, num_candidates: int = 90, chunk: int = 8
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -150,11 +220,26 @@ def omse_candidate_errors(
     scales, zero_points = asymmetric_qparams(mins, maxs, bit_type)
     flat = x.reshape(1, -1)
     errors = []
+    if _needs_autograd(flat, scales) or flat.dtype != scales.dtype:
+        for start in range(0, num_candidates, chunk):
+            s = scales[start : start + chunk, None]
+            z = zero_points[start : start + chunk, None]
+            diff = fake_quantize(flat, s, z, bit_type) - flat
+            errors.append(diff.double().pow(2).sum(dim=1))
+        return torch.cat(errors), mins, maxs
+    # The same chunks (a [rows, n] reduction per chunk, as above), computed in two reused buffers.
+    # The squares of float32 differences are exact in float64, so ``d * d`` equals ``d.pow(2)``.
+    rows = min(chunk, num_candidates)
+    buffer = torch.empty(rows, flat.shape[1], dtype=flat.dtype, device=flat.device)
+    squares = torch.empty(rows, flat.shape[1], dtype=torch.float64, device=flat.device)
     for start in range(0, num_candidates, chunk):
         s = scales[start : start + chunk, None]
         z = zero_points[start : start + chunk, None]
-        diff = fake_quantize(flat, s, z, bit_type) - flat
-        errors.append(diff.double().pow(2).sum(dim=1))
+        q = torch.div(flat, s, out=buffer[: s.shape[0]])
+        q.add_(z).round_().clamp_(bit_type.lower, bit_type.upper).sub_(z).mul_(s).sub_(flat)
+        d = squares[: s.shape[0]]
+        d.copy_(q)
+        errors.append(d.mul_(d).sum(dim=1))
     return torch.cat(errors), mins, maxs
 
 
@@ -172,8 +257,11 @@ def ptf_scales(min_val: Tensor, max_val: Tensor, bit_type: BitType) -> tuple[Ten
 def ptf_channel_errors(x_channels: Tensor, scales: Tensor, zero_point: Tensor, bit_type: BitType) -> Tensor:
     """Per-channel sum of squared errors of each PTF candidate scale: ``[C, n]`` → ``[C, 4]`` (float64)."""
     x = x_channels.unsqueeze(0)  # [1, C, n]
-    diff = fake_quantize(x, scales.reshape(-1, 1, 1), zero_point, bit_type) - x
-    return diff.double().pow(2).sum(dim=2).t()
+    diff = fake_quantize(x, scales.reshape(-1, 1, 1), zero_point, bit_type)
+    if _needs_autograd(x, scales, zero_point) or diff.dtype != x.dtype:
+        return (diff - x).double().pow(2).sum(dim=2).t()
+    squares = diff.sub_(x).double()  # fresh tensors: in place; float32 squares are exact in float64
+    return squares.mul_(squares).sum(dim=2).t()
 
 
 def log2_fake_quantize(p: Tensor, bit_type: BitType) -> Tensor:
@@ -189,11 +277,59 @@ def int_exp(x: Tensor, scale: Tensor, n: int = 30) -> Tensor:
     b = 0.96963238 / a
     c = 1.0 / a
     x0 = torch.floor(-0.6931 / scale)
-    x = torch.maximum(x, n * x0)
-    q = torch.floor(x / x0)
-    r = x - x0 * q
-    z = r * (r + torch.floor(b / scale)) + torch.floor(c / scale**2)
-    return torch.clamp(torch.floor(z * torch.pow(2.0, n - q)), min=0)
+    if _needs_autograd(x, scale) or not _all_float32(x, scale):
+        x = torch.maximum(x, n * x0)
+        q = torch.floor(x / x0)
+        r = x - x0 * q
+        z = r * (r + torch.floor(b / scale)) + torch.floor(c / scale**2)
+        return torch.clamp(torch.floor(z * torch.pow(2.0, n - q)), min=0)
+    return _int_exp_(torch.maximum(x, n * x0), x0, scale, n, b, c)
+
+
+def _int_exp_(x: Tensor, x0: Tensor, scale: Tensor, n: int, b: float, c: float) -> Tensor:
+    """The fast path of :func:`int_exp` on ``x = maximum(x, n * x0)``, which it overwrites (float32, no autograd)."""
+    q = torch.div(x, x0).floor_()  # q = floor(x / x0), an integer in 0..n
+    z = torch.mul(q, x0)
+    r = x.sub_(z)  # r = x - x0 * q
+    z = torch.add(r, torch.floor(b / scale), out=z) if z.is_contiguous() else r + torch.floor(b / scale)
+    z.mul_(r).add_(torch.floor(c / scale**2))  # z = r * (r + floor(b / s)) + floor(c / s**2)
+    # 2**(n - q): -q + n is n - q exactly; exp2 of an integer is the exact power of two, as pow(2.0, .).
+    return z.mul_(q.neg_().add_(n).exp2_()).floor_().clamp_(min=0)
+
+
+#: ``(bit width, device)`` -> the Log-Int-Softmax output indexed by the top 9 bits of float32 ``y``.
+_LIS_TABLES: dict[tuple[int, torch.device], Tensor] = {}
+
+
+def _lis_table(bits: int, device: torch.device) -> Tensor:
+    """Output of the §8 log rounding for every ``key = (y.view(int32) >> 22) & 511``.
+
+    The key is the biased exponent ``E`` of ``y`` (8 bits) and the first mantissa bit ``h``: for a
+    finite ``y >= 1``, ``floor(log2 y) = E - 127``, and ``y - 2**f >= 2**(f-1)`` (``y >= 1.5 * 2**f``)
+    holds exactly when ``h = 1`` — both sides are exact in float32 (Sterbenz), so the published
+    rounding is ``r = E - 127 + h``. The reference computes ``f`` with ``torch.log2``, which may be off
+    by one next to a power of two; it still yields the same ``r``: rounded up (``f = F + 1`` for ``y``
+    just below ``2**(F+1)``, so ``y >= 1.5 * 2**F``): ``y - 2**(F+1) < 0 < 2**F`` gives ``r = F + 1``,
+    which is ``F + h`` as ``h = 1``; rounded down (``f = F - 1`` for ``y`` at or just above ``2**F``,
+    so ``h = 0``): ``y - 2**(F-1) >= 2**(F-1) > 2**(F-2)`` gives ``r = F = F + h``. ``E = 255`` is
+    inf (``e == 0``: output 0, as the reference's ``r = inf >= 2**bits``) or a quiet nan, ``h = 1``
+    (``S == 0``: nan).
+    ``y < 1`` (never produced: ``y = round(S / e) >= 1``) gives ``r <= 0``, output 1, as the reference.
+    The values are made by the reference formula itself, so they are equal by construction.
+    """
+    key = (bits, device)
+    table = _LIS_TABLES.get(key)
+    if table is None:
+        codes = torch.arange(512, dtype=torch.float64)
+        exponent, high = torch.div(codes, 2, rounding_mode="floor"), torch.remainder(codes, 2)
+        r = (exponent - 127 + high).to(torch.float32)
+        levels = 2**bits
+        out = torch.pow(2.0, -torch.clamp(r, 0, levels - 1))
+        out = torch.where(r >= levels, torch.zeros_like(out), out)
+        out[510] = 0.0  # inf: e == 0
+        out[511] = float("nan")  # nan: a row of zeros
+        table = _LIS_TABLES[key] = out.to(device)
+    return table
 
 
 def log_int_softmax(x: Tensor, scale: Tensor, bit_type: BitType) -> Tensor:
@@ -201,15 +337,45 @@ def log_int_softmax(x: Tensor, scale: Tensor, bit_type: BitType) -> Tensor:
 
     ``x`` is the fake-quantized score tensor, ``scale`` the (scalar) scale of its quantization point.
     """
-    x = x / scale
-    x = x - x.amax(dim=-1, keepdim=True)
-    e = int_exp(x, scale)
-    y = torch.round(e.sum(dim=-1, keepdim=True) / e)  # 1 / probability; inf where e == 0
-    f = torch.floor(torch.log2(y))
-    r = torch.where(y - torch.pow(2.0, f) >= torch.pow(2.0, f - 1), f + 1, f)
     levels = 2**bit_type.bits
-    out = torch.pow(2.0, -torch.clamp(r, 0, levels - 1))
-    return torch.where(r >= levels, torch.zeros_like(out), out)
+    if _needs_autograd(x, scale) or not _all_float32(x, scale):
+        x = x / scale
+        x = x - x.amax(dim=-1, keepdim=True)
+        e = int_exp(x, scale)
+        y = torch.round(e.sum(dim=-1, keepdim=True) / e)  # 1 / probability; inf where e == 0
+        f = torch.floor(torch.log2(y))
+        r = torch.where(y - torch.pow(2.0, f) >= torch.pow(2.0, f - 1), f + 1, f)
+        out = torch.pow(2.0, -torch.clamp(r, 0, levels - 1))
+        return torch.where(r >= levels, torch.zeros_like(out), out)
+    if torch.compiler.is_compiling():
+        # One opaque kernel for torch.compile: the eager code below, so compiled == eager bit for bit
+        # (inductor would recompute the long exponent chain in each of its reduction loops).
+        return torch.ops.fqvit.log_int_softmax(x, scale, bit_type.bits)
+    return _log_int_softmax_fast(x, scale, bit_type.bits)
+
+
+def _log_int_softmax_fast(x: Tensor, scale: Tensor, bits: int) -> Tensor:
+    """The no-autograd float32 path of :func:`log_int_softmax` (in place on its own tensors)."""
+    # amax(x / s) == amax(x) / s for s > 0 (division by a positive number is monotone), and every
+    # scale is >= eps.
+    x = torch.div(x, scale).sub_(x.amax(dim=-1, keepdim=True) / scale)
+    n, x0 = 30, torch.floor(-0.6931 / scale)
+    x = torch.maximum(x, n * x0, out=x) if x.is_contiguous() else torch.maximum(x, n * x0)
+    e = _int_exp_(x, x0, scale, n, 0.96963238 / 0.35815147, 1.0 / 0.35815147)
+    total = e.sum(dim=-1, keepdim=True)
+    y = (torch.div(total, e, out=e) if e.is_contiguous() else torch.div(total, e)).round_()  # 1 / probability; inf where e == 0
+    codes = torch.bitwise_right_shift(y.view(torch.int32), 22).bitwise_and_(511)
+    return torch.index_select(_lis_table(bits, y.device), 0, codes.reshape(-1)).view(y.shape)
+
+
+@torch.library.custom_op("fqvit::log_int_softmax", mutates_args=())
+def _log_int_softmax_op(x: Tensor, scale: Tensor, bits: int) -> Tensor:
+    return _log_int_softmax_fast(x, scale, bits)
+
+
+@_log_int_softmax_op.register_fake
+def _(x: Tensor, scale: Tensor, bits: int) -> Tensor:
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
 def int_layernorm(
@@ -227,15 +393,54 @@ def int_layernorm(
         if channels % in_scale.numel():
             raise ValueError(f"{in_scale.numel()} input scales cannot be tiled over {channels} channels")
         in_scale = in_scale.repeat(channels // in_scale.numel())
-    x_q = torch.round(x / in_scale)
+    fast = not _needs_autograd(x, in_scale, out_scale, weight, bias) and _all_float32(x, in_scale, out_scale, weight, bias)
+    if not fast:
+        x_q = torch.round(x / in_scale)
+        s_min = in_scale.min()
+        x_q = x_q * torch.round(in_scale / s_min)
+        mean = x_q.mean(dim=-1, keepdim=True) * s_min
+        std = (s_min / channels) * torch.sqrt(channels * x_q.pow(2).sum(dim=-1, keepdim=True) - x_q.sum(dim=-1, keepdim=True) ** 2)
+        a = (s_min / std) * weight / out_scale
+        sign = torch.sign(a)
+        n = torch.clamp(bits - torch.floor(torch.log2(a.abs())), 0, 31)
+        m = torch.clamp(torch.floor(a.abs() * torch.pow(2.0, n)), 0, 2 ** (bits + 1) - 1)
+        b = torch.round((bias - (mean / std) * weight) / out_scale * torch.pow(2.0, n))
+        y_q = torch.round((sign * m * x_q + b) / torch.pow(2.0, n))
+        return y_q * out_scale
+    if torch.compiler.is_compiling():
+        # One opaque kernel for torch.compile, the eager code: compiled == eager bit for bit (the
+        # float32 sum of squares would otherwise be summed in another order).
+        return torch.ops.fqvit.int_layernorm(x, in_scale, out_scale, weight, bias, bits)
+    return _int_layernorm_fast(x, in_scale, out_scale, weight, bias, bits)
+
+
+def _int_layernorm_fast(x: Tensor, in_scale: Tensor, out_scale: Tensor, weight: Tensor, bias: Tensor, bits: int) -> Tensor:
+    """The no-autograd float32 path of :func:`int_layernorm`; ``in_scale`` is already ``[C]`` or ``[1]``."""
+    channels = x.shape[-1]
+    # The same operations in the same order, in place on fresh [..., C] tensors; 2**n computed once.
+    x_q = torch.div(x, in_scale).round_()
     s_min = in_scale.min()
-    x_q = x_q * torch.round(in_scale / s_min)
+    x_q.mul_(torch.round(in_scale / s_min))
     mean = x_q.mean(dim=-1, keepdim=True) * s_min
-    std = (s_min / channels) * torch.sqrt(channels * x_q.pow(2).sum(dim=-1, keepdim=True) - x_q.sum(dim=-1, keepdim=True) ** 2)
-    a = (s_min / std) * weight / out_scale
+    work = torch.mul(x_q, x_q)  # x_q.pow(2): integers below 2**12, exact either way
+    std = (s_min / channels) * torch.sqrt(channels * work.sum(dim=-1, keepdim=True) - x_q.sum(dim=-1, keepdim=True) ** 2)
+    # ``out=`` only into a contiguous tensor (torch.compile traces no other); else a fresh one.
+    a = (torch.mul(s_min / std, weight, out=work) if work.is_contiguous() else torch.mul(s_min / std, weight)).div_(out_scale)
     sign = torch.sign(a)
-    n = torch.clamp(bits - torch.floor(torch.log2(a.abs())), 0, 31)
-    m = torch.clamp(torch.floor(a.abs() * torch.pow(2.0, n)), 0, 2 ** (bits + 1) - 1)
-    b = torch.round((bias - (mean / std) * weight) / out_scale * torch.pow(2.0, n))
-    y_q = torch.round((sign * m * x_q + b) / torch.pow(2.0, n))
-    return y_q * out_scale
+    a.abs_()
+    p = torch.log2(a).floor_().neg_().add_(bits).clamp_(0, 31).exp2_()  # 2**n, n = clamp(bits - floor(log2|a|), 0, 31)
+    m = a.mul_(p).floor_().clamp_(0, 2 ** (bits + 1) - 1)
+    b = torch.mul(mean / std, weight)
+    b = torch.sub(bias, b, out=b).div_(out_scale).mul_(p).round_()
+    y_q = sign.mul_(m).mul_(x_q).add_(b).div_(p).round_()
+    return y_q.mul_(out_scale)
+
+
+@torch.library.custom_op("fqvit::int_layernorm", mutates_args=())
+def _int_layernorm_op(x: Tensor, in_scale: Tensor, out_scale: Tensor, weight: Tensor, bias: Tensor, bits: int) -> Tensor:
+    return _int_layernorm_fast(x, in_scale, out_scale, weight, bias, bits)
+
+
+@_int_layernorm_op.register_fake
+def _(x: Tensor, in_scale: Tensor, out_scale: Tensor, weight: Tensor, bias: Tensor, bits: int) -> Tensor:
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)

@@ -3,6 +3,9 @@
 Mode flags live in buffers (``calibrated``, ``quant_enabled``) so checkpoints carry them; a Python
 mirror of each flag is what ``forward`` branches on, so a quantized forward never reads a tensor
 value on the host. The mirrors are refreshed whenever a state dict is loaded.
+
+A weight point (``QuantAct(weight=True)``) caches its fake-quantized weight while no gradient is
+needed: see :meth:`QuantAct.forward`.
 """
 
 from __future__ import annotations
@@ -79,6 +82,7 @@ class QuantAct(QuantModule):
         super().__init__()
         per_channel = config.granularity == "channel"
         self.config = config
+        self.is_weight_point = weight
         self.observer = build_observer(config.observer, config.bit_type, num_channels, per_channel, weight)
         self.quantizer = build_quantizer(config.quantizer, config.bit_type, num_channels, per_channel, weight)
         self.register_buffer("calibrated", torch.zeros((), dtype=torch.bool))
@@ -86,6 +90,20 @@ class QuantAct(QuantModule):
         self._calibrated = False
         self._observing = False
         self._last_batch = False
+        self._weight_cache: tuple | None = None
+
+    def __getstate__(self) -> dict:
+        state = dict(super().__getstate__())
+        state["_weight_cache"] = None  # derived, never pickled or deep-copied
+        return state
+
+    def clear_weight_cache(self) -> None:
+        """Drop the cached fake-quantized weight (it is refreshed on the next forward anyway)."""
+        self._weight_cache = None
+
+    def set_quantization(self, enabled: bool) -> None:
+        super().set_quantization(enabled)
+        self._weight_cache = None
 
     def set_name(self, name: str) -> None:
         super().set_name(name)
@@ -94,6 +112,7 @@ class QuantAct(QuantModule):
     def _sync_from_buffers(self) -> None:
         super()._sync_from_buffers()
         self._calibrated = bool(self.calibrated)
+        self._weight_cache = None
 
     @property
     def is_calibrated(self) -> bool:
@@ -108,6 +127,7 @@ class QuantAct(QuantModule):
     def set_observing(self, observing: bool, last_batch: bool = False) -> None:
         self._observing = observing
         self._last_batch = observing and last_batch
+        self._weight_cache = None
 
     @property
     def scale(self) -> Tensor:
@@ -122,8 +142,35 @@ class QuantAct(QuantModule):
                 self.calibrated.fill_(True)
                 self._calibrated = True
         if self._quantize:
+            if self.is_weight_point and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+                return self._cached_weight(x)
             return self.quantizer(x)
         return x
+
+    def _weight_key(self, w: Tensor) -> tuple:
+        state = tuple((t.data_ptr(), t._version) for t in self.quantizer.buffers())
+        return (w.data_ptr(), w._version, w.shape, w.stride(), w.dtype, w.device, state)
+
+    def _cached_weight(self, w: Tensor) -> Tensor:
+        """``quantizer(w)``, reused while ``w`` and the quantizer's buffers are unchanged.
+
+        Only used with grad mode off (no graph to keep) and outside ``torch.compile``. The key is the
+        weight's storage address and version counter (bumped by every in-place change: optimizer
+        steps, ``load_state_dict``, ``copy_`` under ``no_grad`` ...) and those of the scale and zero
+        point; the cache keeps the weight's storage alive, so an address is never reused while it is
+        a key. Not seen: in-place changes through ``weight.data`` (PyTorch does not count those
+        versions); call :meth:`clear_weight_cache` after such a change. The cache is no state: it
+        is not in ``state_dict`` and is dropped on every mode switch and state-dict load.
+        """
+        if w.is_inference() or any(t.is_inference() for t in self.quantizer.buffers()):
+            return self.quantizer(w)  # inference tensors have no version counter
+        key = self._weight_key(w)
+        cache = self._weight_cache
+        if cache is not None and cache[0] == key:
+            return cache[2]
+        out = self.quantizer(w)
+        self._weight_cache = (key, w.detach(), out)
+        return out
 
 
 class QuantLinear(nn.Linear):

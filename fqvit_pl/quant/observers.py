@@ -16,6 +16,7 @@ from .bit_type import BitType
 from .functional import (
     channel_layout,
     exact_quantile,
+    extreme_values,
     omse_candidate_errors,
     ptf_channel_errors,
     ptf_scales,
@@ -92,10 +93,15 @@ class Observer(nn.Module):
     def update(self, x: Tensor) -> None:
         """Observe one batch. Raises ``ValueError`` naming the observer on NaN/Inf or a bad rank."""
         channels = self._layout(x.detach())
-        if not bool(torch.isfinite(channels).all()):
-            raise ValueError(f"{self.name}: observed NaN or Inf values (input shape {tuple(x.shape)})")
         reducer = get_reducer()
         stats = self.batch_statistics(channels.float())
+        # NaN and Inf reach the statistics (min/max propagate NaN; the tails hold the extremes), which
+        # is much cheaper than a pass over the data. The verdict is shared, so every rank raises.
+        finite = all(bool(torch.isfinite(value).all()) for value in stats.values())
+        if reducer.distributed:
+            finite = bool(reducer.reduce(torch.tensor([float(finite)]), "min").item())
+        if not finite:
+            raise ValueError(f"{self.name}: observed NaN or Inf values (input shape {tuple(x.shape)})")
         stats = {key: reducer.reduce(value, self.BATCH_MERGE[key]) for key, value in stats.items()}
         self.fold(stats)
         self.num_batches += 1
@@ -141,16 +147,14 @@ class PercentileObserver(EmaObserver):
         super().__init__(bit_type, num_channels, per_channel, weight)
 
     def batch_statistics(self, channels: Tensor) -> dict[str, Tensor]:
-        values = channels.reshape(-1)
+        values = channels.t().reshape(-1)  # the same multiset, without copying the transposed view
         # Tails long enough for the quantile of the union of every process's batch.
         total = int(get_reducer().reduce(torch.tensor(values.numel(), device=values.device), "sum"))
         self._total = total
         upper_k = min(values.numel(), quantile_tail_size(total, self.upper_q, values.dtype))
         lower_k = min(values.numel(), quantile_tail_size(total, self.lower_q, values.dtype))
-        return {
-            "upper_tail": torch.topk(values, upper_k, largest=True, sorted=False).values,
-            "lower_tail": torch.topk(values, lower_k, largest=False, sorted=False).values,
-        }
+        upper, lower = extreme_values(values, upper_k, lower_k)
+        return {"upper_tail": upper, "lower_tail": lower}
 
     def fold(self, stats: dict[str, Tensor]) -> None:
         super().fold(
