@@ -113,10 +113,13 @@ class QuantViTModule(pl.LightningModule):
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
 
+    def _quantizing_modules(self) -> list[QuantModule]:
+        return [m for m in quant_modules(self.net) if m.is_quantizing]
+
     @contextmanager
     def float_mode(self, modules: Optional[list[QuantModule]] = None) -> Iterator[None]:
         """Run the enclosed code with the quantized layers (default: those quantized now) in float."""
-        active = modules if modules is not None else [m for m in quant_modules(self.net) if bool(m.quant_enabled)]
+        active = modules if modules is not None else self._quantizing_modules()
         for module in active:
             module.set_quantization(False)
         try:
@@ -169,7 +172,7 @@ class QuantViTModule(pl.LightningModule):
     # -- evaluation -------------------------------------------------------------------------
 
     def _evaluation_epoch_start(self) -> None:
-        self._quantized = [m for m in quant_modules(self.net) if bool(m.quant_enabled)]
+        self._quantized = self._quantizing_modules()
         if self.fp_agreement and not self._quantized and not self.trainer.sanity_checking:
             rank_zero_warn("fp_agreement is on but the network is not quantized in this evaluation "
                            "(no QuantCalibration callback?): fp_top1/fp_agreement are not logged")

@@ -51,6 +51,11 @@ class QuantModule(nn.Module):
         """Whether every quantization parameter of this module has been computed."""
         return True
 
+    @property
+    def is_quantizing(self) -> bool:
+        """Whether fake quantization is on now (the Python mirror of ``quant_enabled``: no host read)."""
+        return self._quantize
+
     def set_quantization(self, enabled: bool) -> None:
         """Switch fake quantization on or off; on requires a calibrated module."""
         if enabled and not self.is_calibrated:
