@@ -7,6 +7,7 @@ Section numbers refer to ``shared/docs/fqvit-method.md``.
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -31,6 +32,7 @@ __all__ = [
     "int_exp",
     "log_int_softmax",
     "int_layernorm",
+    "build_kernel_tables",
 ]
 
 #: float32 machine epsilon, the smallest scale (§4).
@@ -46,11 +48,15 @@ EPS = float(torch.finfo(torch.float32).eps)
 # range used here, checked exhaustively by tests/quant/test_speed_paths.py, and exp2 is ~8x faster.
 # A division by an exact power of two ``p`` is kept as a division. With autograd needed, the plain
 # out-of-place transcription runs (the gradients of these floor/round chains are zero anyway).
-# Under torch.compile the integer LayerNorm and Log-Int-Softmax run as opaque custom ops
-# (``torch.ops.fqvit.*``) whose kernel is the eager fast path: the compiled model computes them bit
-# for bit as eager (inductor would sum the float32 squares in another order, and recompute the long
-# exponent chain in each reduction loop); the fake quantization is left to inductor to fuse (exact:
-# the same IEEE operations, and inductor keeps true division on CPU).
+# Under torch.compile the integer LayerNorm and Log-Int-Softmax are traced for inductor to fuse,
+# except their float32 row sums: the sum of squares and the row sum of the integer exponentials
+# exceed 2**24, so their rounding depends on the summation order, and they run as an opaque op
+# (``torch.ops.fqvit.*``) that calls the same ATen reductions on the same tensor as eager.
+# Every other operation is elementwise IEEE arithmetic that inductor computes as ATen does (true
+# division, no fp contraction or unsafe math by default), a max, or a table lookup; ``floor(log2 a)``
+# and ``exp2`` of integers are checked against eager exhaustively where they could differ (next to
+# every power of two) by tests/quant/test_compiled_kernels.py. The fake quantization is left to
+# inductor to fuse (exact: the same IEEE operations).
 
 
 def _needs_autograd(*tensors: Tensor) -> bool:
@@ -205,13 +211,21 @@ def extreme_values(values: Tensor, upper_k: int, lower_k: int, *, rows: int = 40
 
 
 def omse_candidate_errors(
-    x: Tensor, min_val: Tensor, max_val: Tensor, bit_type: BitType, num_candidates: int = 90, chunk: int = 8
+    x: Tensor,
+    min_val: Tensor,
+    max_val: Tensor,
+    bit_type: BitType,
+    num_candidates: int = 90,
+    chunk: int = 8,
+    select: Sequence[int] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Sum of squared errors of the OMSE clipping candidates on ``x`` (§5 omse).
 
     Candidate ``i`` uses range ``[min*(1-0.01i), max*(1-0.01i)]``. Returns ``(errors[num_candidates]``
     in float64, ``mins[num_candidates]``, ``maxs[num_candidates])``. Candidates are evaluated
     ``chunk`` at a time (vectorized, bounded memory), never element by element.
+    With ``select`` (candidate indices), only the chunks holding them are evaluated, each exactly as
+    in the full search (same rows, same shapes: the same bits); the other errors are ``+inf``.
     """
     # (1 - 0.01 i) is formed in double precision, then the product is taken in x's dtype.
     factors = torch.tensor([1.0 - 0.01 * i for i in range(num_candidates)], dtype=x.dtype, device=x.device)
@@ -220,8 +234,12 @@ def omse_candidate_errors(
     scales, zero_points = asymmetric_qparams(mins, maxs, bit_type)
     flat = x.reshape(1, -1)
     errors = []
+    wanted = None if select is None else {i - i % chunk for i in select}
     if _needs_autograd(flat, scales) or flat.dtype != scales.dtype:
         for start in range(0, num_candidates, chunk):
+            if wanted is not None and start not in wanted:
+                errors.append(torch.full((min(chunk, num_candidates - start),), math.inf, dtype=torch.float64, device=x.device))
+                continue
             s = scales[start : start + chunk, None]
             z = zero_points[start : start + chunk, None]
             diff = fake_quantize(flat, s, z, bit_type) - flat
@@ -233,6 +251,9 @@ def omse_candidate_errors(
     buffer = torch.empty(rows, flat.shape[1], dtype=flat.dtype, device=flat.device)
     squares = torch.empty(rows, flat.shape[1], dtype=torch.float64, device=flat.device)
     for start in range(0, num_candidates, chunk):
+        if wanted is not None and start not in wanted:
+            errors.append(torch.full((min(chunk, num_candidates - start),), math.inf, dtype=torch.float64, device=x.device))
+            continue
         s = scales[start : start + chunk, None]
         z = zero_points[start : start + chunk, None]
         q = torch.div(flat, s, out=buffer[: s.shape[0]])
@@ -348,9 +369,7 @@ def log_int_softmax(x: Tensor, scale: Tensor, bit_type: BitType) -> Tensor:
         out = torch.pow(2.0, -torch.clamp(r, 0, levels - 1))
         return torch.where(r >= levels, torch.zeros_like(out), out)
     if torch.compiler.is_compiling():
-        # One opaque kernel for torch.compile: the eager code below, so compiled == eager bit for bit
-        # (inductor would recompute the long exponent chain in each of its reduction loops).
-        return torch.ops.fqvit.log_int_softmax(x, scale, bit_type.bits)
+        return _log_int_softmax_traced(x, scale, bit_type.bits)
     return _log_int_softmax_fast(x, scale, bit_type.bits)
 
 
@@ -368,14 +387,125 @@ def _log_int_softmax_fast(x: Tensor, scale: Tensor, bits: int) -> Tensor:
     return torch.index_select(_lis_table(bits, y.device), 0, codes.reshape(-1)).view(y.shape)
 
 
-@torch.library.custom_op("fqvit::log_int_softmax", mutates_args=())
-def _log_int_softmax_op(x: Tensor, scale: Tensor, bits: int) -> Tensor:
-    return _log_int_softmax_fast(x, scale, bits)
+def _log_int_softmax_traced(x: Tensor, scale: Tensor, bits: int) -> Tensor:
+    """:func:`_log_int_softmax_fast` written out of place for torch.compile: the same operations on
+    the same operands, with the order-dependent row sum taken by ATen (:func:`_row_sum_op`)."""
+    x = x / scale - x.amax(dim=-1, keepdim=True) / scale
+    # Eager evaluates ``number / tensor`` as ``tensor.reciprocal() * number``: spelled out, so that
+    # the trace does not depend on how dynamo maps Python's ``/``.
+    n, x0 = 30, torch.floor(torch.reciprocal(scale) * -0.6931)
+    x = torch.maximum(x, n * x0)
+    q = torch.floor(x / x0)
+    r = x - q * x0
+    b = torch.floor(torch.reciprocal(scale) * (0.96963238 / 0.35815147))
+    c = torch.floor(torch.reciprocal(scale**2) * (1.0 / 0.35815147))
+    z = (r + b) * r + c
+    e = torch.clamp(torch.floor(z * _power_of_two(-q + n)), min=0)
+    total = torch.ops.fqvit.row_sum(e)
+    y = torch.round(total / e)
+    codes = torch.bitwise_and(torch.bitwise_right_shift(y.view(torch.int32), 22), 511)
+    return _lis_table(bits, y.device)[codes]
 
 
-@_log_int_softmax_op.register_fake
-def _(x: Tensor, scale: Tensor, bits: int) -> Tensor:
-    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+@torch.library.custom_op("fqvit::row_sum", mutates_args=())
+def _row_sum_op(x: Tensor) -> Tensor:
+    """``x.sum(dim=-1, keepdim=True)`` by ATen, as the eager Log-Int-Softmax sums (its order)."""
+    return x.sum(dim=-1, keepdim=True)
+
+
+@_row_sum_op.register_fake
+def _(x: Tensor) -> Tensor:
+    return x.new_empty(x.shape[:-1] + (1,))
+
+
+@torch.library.custom_op("fqvit::layernorm_row_stats", mutates_args=())
+def _layernorm_row_stats_op(x_q: Tensor, squares: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(mean(x_q), sum(x_q), sum(squares))`` over the last dim (keepdim) by the ATen reductions
+    of the eager integer LayerNorm, so that a compiled model sums in eager's order."""
+    return x_q.mean(dim=-1, keepdim=True), x_q.sum(dim=-1, keepdim=True), squares.sum(dim=-1, keepdim=True)
+
+
+@_layernorm_row_stats_op.register_fake
+def _(x_q: Tensor, squares: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    return tuple(x_q.new_empty(x_q.shape[:-1] + (1,)) for _ in range(3))
+
+
+def _power_of_two(k: Tensor) -> Tensor:
+    """``2**k`` for integer-valued float32 ``k`` in ``[-126, 127]``, built from its bits (exact, as ``exp2``)."""
+    return torch.bitwise_left_shift(k.to(torch.int32) + 127, 23).view(torch.float32)
+
+
+#: device -> the ``[256]`` thresholds of :func:`_floor_log2_thresholds`.
+_FLOOR_LOG2_THRESHOLDS: dict[torch.device, Tensor] = {}
+
+
+def _floor_log2_thresholds(device: torch.device, window: int = 2048) -> Tensor | None:
+    """Where ``floor(torch.log2(a))`` exceeds the exponent of ``a``, per biased exponent ``E``.
+
+    Returns ``[256]`` float32: for ``E`` in 1..254, the smallest float of the binade
+    ``[2**(E-127), 2**(E-126))`` that ``torch.log2`` on ``device`` maps to ``E - 126`` or above,
+    else ``inf`` (and ``inf`` for ``E`` 0 and 255). ``torch.log2`` is accurate to about one unit in
+    the last place of its result, so it rounds a few floats just below a power of two ``2**k`` up to
+    ``k`` (up to 44 floats below, for large ``|k|``, on CPU); ``floor(log2)`` can differ from the
+    exponent only within ``window`` floats of a power of two (2048 floats below ``2**k`` are
+    ``window * 2**-24 / ln 2`` below ``k``, over 5 units in the last place of any ``k`` in range).
+    The table is read off ``torch.log2`` itself on the top and bottom ``window`` floats of every
+    binade, so the lookup equals the reference formula by construction. It is checked: the
+    rounded-up floats must be the top ones of their binade and no float at the bottom of a binade
+    may fall below its exponent; otherwise ``None`` is returned and callers use ``torch.log2``.
+    Built in eager mode only (a trace finds it cached or uses ``torch.log2``).
+    """
+    device = torch.device(device)
+    if device in _FLOOR_LOG2_THRESHOLDS:
+        return _FLOOR_LOG2_THRESHOLDS[device]
+    if torch.compiler.is_compiling():
+        return None
+    with torch.no_grad():
+        biased = torch.arange(1, 255, dtype=torch.int32, device=device)[:, None]
+        steps = torch.arange(window, dtype=torch.int32, device=device)[None, :]
+        tops = (((biased + 1) << 23) - 1 - steps).view(torch.float32)  # descending from the binade's top
+        bottoms = ((biased << 23) + steps).view(torch.float32)
+        above = torch.floor(torch.log2(tops)) - (biased - 127).float()  # 1: rounded up, 0: the exponent
+        rounded_up = (above == 1).sum(dim=1)
+        top_ones = (above == 1) == (steps < rounded_up[:, None])
+        ok = bool(((above == 0) | (above == 1)).all() and top_ones.all() and (rounded_up < window).all())
+        ok = ok and bool((torch.floor(torch.log2(bottoms)) == (biased - 127).float()).all())
+        if not ok:
+            return None
+        first_up = tops.gather(1, (rounded_up - 1).clamp(min=0)[:, None].long())[:, 0]
+        table = torch.full((256,), float("inf"), device=device)
+        table[1:255] = torch.where(rounded_up > 0, first_up, torch.full_like(first_up, float("inf")))
+    _FLOOR_LOG2_THRESHOLDS[device] = table
+    return table
+
+
+def _layernorm_power(a: Tensor, bits: int) -> Tensor:
+    """``2**N`` with ``N = clamp(bits - floor(torch.log2(a)), 0, 31)`` for ``a = |A| >= 0`` (§7 step 3).
+
+    ``floor(torch.log2(a))`` is read off the exponent bits of ``a`` and the thresholds of
+    :func:`_floor_log2_thresholds` (no ``log2`` per element), and ``2**N`` is built from bits.
+    The result equals the formula's for every ``a`` but NaN, where ``A`` is NaN and so is the
+    output of the LayerNorm either way (``M`` is NaN).
+    """
+    thresholds = _floor_log2_thresholds(a.device)
+    if thresholds is None:
+        return torch.exp2(torch.clamp(bits - torch.floor(torch.log2(a)), 0, 31))
+    biased = torch.bitwise_right_shift(a.view(torch.int32), 23)  # a >= 0: no sign bit
+    floor_log2 = biased + (a >= thresholds[biased]).to(torch.int32) - 127
+    return torch.bitwise_left_shift(torch.clamp(bits - floor_log2, 0, 31) + 127, 23).view(torch.float32)
+
+
+def build_kernel_tables(device: torch.device | str, lis_bits: int | None = None) -> None:
+    """Build the lookup tables of the integer LayerNorm (and of Log-Int-Softmax with ``lis_bits``) on
+    ``device`` now, in eager mode. The kernels build them on first use anyway; a model traced by
+    torch.compile before any eager run on that device would otherwise trace the LIS table's
+    construction into its graph and use ``torch.log2`` in the LayerNorm (same values, slower)."""
+    _floor_log2_thresholds(torch.device(device))
+    if lis_bits is not None:
+        _lis_table(lis_bits, torch.device(device))
+
+
+build_kernel_tables("cpu")
 
 
 def int_layernorm(
@@ -408,9 +538,7 @@ def int_layernorm(
         y_q = torch.round((sign * m * x_q + b) / torch.pow(2.0, n))
         return y_q * out_scale
     if torch.compiler.is_compiling():
-        # One opaque kernel for torch.compile, the eager code: compiled == eager bit for bit (the
-        # float32 sum of squares would otherwise be summed in another order).
-        return torch.ops.fqvit.int_layernorm(x, in_scale, out_scale, weight, bias, bits)
+        return _int_layernorm_traced(x, in_scale, out_scale, weight, bias, bits)
     return _int_layernorm_fast(x, in_scale, out_scale, weight, bias, bits)
 
 
@@ -428,7 +556,7 @@ def _int_layernorm_fast(x: Tensor, in_scale: Tensor, out_scale: Tensor, weight: 
     a = (torch.mul(s_min / std, weight, out=work) if work.is_contiguous() else torch.mul(s_min / std, weight)).div_(out_scale)
     sign = torch.sign(a)
     a.abs_()
-    p = torch.log2(a).floor_().neg_().add_(bits).clamp_(0, 31).exp2_()  # 2**n, n = clamp(bits - floor(log2|a|), 0, 31)
+    p = _layernorm_power(a, bits)
     m = a.mul_(p).floor_().clamp_(0, 2 ** (bits + 1) - 1)
     b = torch.mul(mean / std, weight)
     b = torch.sub(bias, b, out=b).div_(out_scale).mul_(p).round_()
@@ -436,11 +564,20 @@ def _int_layernorm_fast(x: Tensor, in_scale: Tensor, out_scale: Tensor, weight: 
     return y_q.mul_(out_scale)
 
 
-@torch.library.custom_op("fqvit::int_layernorm", mutates_args=())
-def _int_layernorm_op(x: Tensor, in_scale: Tensor, out_scale: Tensor, weight: Tensor, bias: Tensor, bits: int) -> Tensor:
-    return _int_layernorm_fast(x, in_scale, out_scale, weight, bias, bits)
-
-
-@_int_layernorm_op.register_fake
-def _(x: Tensor, in_scale: Tensor, out_scale: Tensor, weight: Tensor, bias: Tensor, bits: int) -> Tensor:
-    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+def _int_layernorm_traced(x: Tensor, in_scale: Tensor, out_scale: Tensor, weight: Tensor, bias: Tensor, bits: int) -> Tensor:
+    """:func:`_int_layernorm_fast` written out of place for torch.compile: the same operations on the
+    same operands, with the order-dependent row sums taken by ATen (:func:`_layernorm_row_stats_op`)."""
+    channels = x.shape[-1]
+    s_min = in_scale.min()
+    x_q = torch.round(x / in_scale) * torch.round(in_scale / s_min)
+    mean, total, squares = torch.ops.fqvit.layernorm_row_stats(x_q, x_q * x_q)
+    mean = mean * s_min
+    std = (s_min / channels) * torch.sqrt(channels * squares - total**2)
+    a = (s_min / std) * weight / out_scale
+    sign = torch.sign(a)
+    a = torch.abs(a)
+    p = _layernorm_power(a, bits)
+    m = torch.clamp(torch.floor(a * p), 0, 2 ** (bits + 1) - 1)
+    b = torch.round((bias - (mean / std) * weight) / out_scale * p)
+    y_q = torch.round((sign * m * x_q + b) / p)
+    return y_q * out_scale

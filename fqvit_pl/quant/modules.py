@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import PointConfig
-from .functional import int_layernorm, log_int_softmax
+from .functional import build_kernel_tables, int_layernorm, log_int_softmax
 from .observers import build_observer
 from .quantizers import build_quantizer
 
@@ -217,6 +217,11 @@ class QuantLayerNorm(nn.LayerNorm, QuantModule):
         self.integer = integer
         self._init_quant_state()
 
+    def set_quantization(self, enabled: bool) -> None:
+        super().set_quantization(enabled)
+        if enabled and self.integer:
+            build_kernel_tables(self.weight.device)  # so that torch.compile finds them
+
     def forward(self, x: Tensor, in_point: QuantAct | None = None, out_point: QuantAct | None = None) -> Tensor:
         if self._quantize and self.integer:
             if in_point is None or out_point is None:
@@ -244,6 +249,11 @@ class QuantSoftmax(QuantModule):
 
     def set_observing(self, observing: bool, last_batch: bool = False) -> None:
         self._last_batch = observing and last_batch
+
+    def set_quantization(self, enabled: bool) -> None:
+        super().set_quantization(enabled)
+        if enabled and self.lis:
+            build_kernel_tables(self.quant_enabled.device, lis_bits=self.bit_type.bits)  # for torch.compile
 
     def forward(self, x: Tensor, in_point: QuantAct | None = None) -> Tensor:
         if self.lis:

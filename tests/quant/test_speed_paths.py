@@ -466,22 +466,6 @@ def test_quantized_forward_traces_as_one_graph(name):
     assert explanation.graph_break_count == 0, explanation.break_reasons
 
 
-# ------------------------------------------------------------------------------------------------
-# the opaque kernels torch.compile calls
-
-
-def test_custom_ops_are_the_eager_kernels():
-    x, s = scores((2, 3, 17, 17), 0.02, seed=10)
-    assert_bits_equal(torch.ops.fqvit.log_int_softmax(x, s, 4), ref_log_int_softmax(x, s, UINT4))
-    torch.library.opcheck(torch.ops.fqvit.log_int_softmax.default, (x, s, 4), test_utils=("test_schema", "test_faketensor"))
-    ln_x, s_in, gamma, beta = ln_inputs((2, 5, 32), 32, seed=11)
-    s_out = torch.tensor(0.02)
-    got = torch.ops.fqvit.int_layernorm(ln_x, s_in, s_out, gamma, beta, 7)
-    assert_bits_equal(got, ref_int_layernorm(ln_x, s_in, s_out, gamma, beta))
-    torch.library.opcheck(torch.ops.fqvit.int_layernorm.default, (ln_x, s_in, s_out, gamma, beta, 7),
-                          test_utils=("test_schema", "test_faketensor"))
-
-
 @pytest.mark.parametrize("n, k", [(10, 3), (1000, 1), (100_000, 13), (257_001, 40), (3_000_000, 96)])
 def test_extreme_values_are_topk_values(n, k):
     g = gen(12)
