@@ -53,10 +53,10 @@ EPS = float(torch.finfo(torch.float32).eps)
 # exceed 2**24, so their rounding depends on the summation order, and they run as an opaque op
 # (``torch.ops.fqvit.*``) that calls the same ATen reductions on the same tensor as eager.
 # Every other operation is elementwise IEEE arithmetic that inductor computes as ATen does (true
-# division, no fp contraction or unsafe math by default), a max, or a table lookup; ``floor(log2 a)``
-# and ``exp2`` of integers are checked against eager exhaustively where they could differ (next to
-# every power of two) by tests/quant/test_compiled_kernels.py. The fake quantization is left to
-# inductor to fuse (exact: the same IEEE operations).
+# division, no fp contraction or unsafe math by default), a max, integer bit manipulation or a table
+# lookup: no ``log2`` or ``exp2`` whose last bit could depend on the implementation (see
+# :func:`_layernorm_power`); tests/quant/test_compiled_kernels.py compares the bits. The fake
+# quantization is left to inductor to fuse (exact: the same IEEE operations).
 
 
 def _needs_autograd(*tensors: Tensor) -> bool:
@@ -404,7 +404,19 @@ def _log_int_softmax_traced(x: Tensor, scale: Tensor, bits: int) -> Tensor:
     total = torch.ops.fqvit.row_sum(e)
     y = torch.round(total / e)
     codes = torch.bitwise_and(torch.bitwise_right_shift(y.view(torch.int32), 22), 511)
-    return _lis_table(bits, y.device)[codes]
+    if 2**bits - 1 > 126:  # outputs below 2**-126: keep the table
+        return _lis_table(bits, y.device)[codes]
+    return _lis_from_codes(codes, bits)
+
+
+def _lis_from_codes(codes: Tensor, bits: int) -> Tensor:
+    """The entries of :func:`_lis_table` for int32 ``codes``, computed by the formula that builds the
+    table (``r = E - 127 + h``) instead of a gather: faster in a fused compiled kernel. For
+    ``2**bits - 1 <= 126`` (every output a normal float)."""
+    levels = 2**bits
+    r = torch.bitwise_right_shift(codes, 1) + torch.bitwise_and(codes, 1) - 127
+    out = torch.where(r >= levels, 0.0, _power_of_two(-torch.clamp(r, 0, levels - 1)))
+    return torch.where(codes == 511, float("nan"), out)  # 510, inf (e == 0): 0 as r >= levels
 
 
 @torch.library.custom_op("fqvit::row_sum", mutates_args=())
@@ -422,7 +434,10 @@ def _(x: Tensor) -> Tensor:
 def _layernorm_row_stats_op(x_q: Tensor, squares: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``(mean(x_q), sum(x_q), sum(squares))`` over the last dim (keepdim) by the ATen reductions
     of the eager integer LayerNorm, so that a compiled model sums in eager's order."""
-    return x_q.mean(dim=-1, keepdim=True), x_q.sum(dim=-1, keepdim=True), squares.sum(dim=-1, keepdim=True)
+    total = x_q.sum(dim=-1, keepdim=True)
+    # ATen's CPU mean is this sum divided by the count (checked by the tests); elsewhere call it.
+    mean = total / x_q.shape[-1] if x_q.device.type == "cpu" else x_q.mean(dim=-1, keepdim=True)
+    return mean, total, squares.sum(dim=-1, keepdim=True)
 
 
 @_layernorm_row_stats_op.register_fake
@@ -485,14 +500,17 @@ def _layernorm_power(a: Tensor, bits: int) -> Tensor:
     ``floor(torch.log2(a))`` is read off the exponent bits of ``a`` and the thresholds of
     :func:`_floor_log2_thresholds` (no ``log2`` per element), and ``2**N`` is built from bits.
     The result equals the formula's for every ``a`` but NaN, where ``A`` is NaN and so is the
-    output of the LayerNorm either way (``M`` is NaN).
+    output of the LayerNorm either way (``M`` is NaN). Used by the compiled kernel, where it fuses;
+    eager runs the formula itself (an eager gather costs more than the ``log2``).
     """
     thresholds = _floor_log2_thresholds(a.device)
     if thresholds is None:
         return torch.exp2(torch.clamp(bits - torch.floor(torch.log2(a)), 0, 31))
     biased = torch.bitwise_right_shift(a.view(torch.int32), 23)  # a >= 0: no sign bit
-    floor_log2 = biased + (a >= thresholds[biased]).to(torch.int32) - 127
-    return torch.bitwise_left_shift(torch.clamp(bits - floor_log2, 0, 31) + 127, 23).view(torch.float32)
+    rounded_up = torch.ge(a, thresholds[biased])
+    # N = bits - floor_log2 = bits - (biased + rounded_up - 127), in place on the fresh int tensor
+    n = biased.add_(rounded_up).neg_().add_(bits + 127).clamp_(0, 31)
+    return n.add_(127).bitwise_left_shift_(23).view(torch.float32)
 
 
 def build_kernel_tables(device: torch.device | str, lis_bits: int | None = None) -> None:
@@ -556,7 +574,7 @@ def _int_layernorm_fast(x: Tensor, in_scale: Tensor, out_scale: Tensor, weight: 
     a = (torch.mul(s_min / std, weight, out=work) if work.is_contiguous() else torch.mul(s_min / std, weight)).div_(out_scale)
     sign = torch.sign(a)
     a.abs_()
-    p = _layernorm_power(a, bits)
+    p = torch.log2(a).floor_().neg_().add_(bits).clamp_(0, 31).exp2_()  # 2**n, n = clamp(bits - floor(log2|a|), 0, 31)
     m = a.mul_(p).floor_().clamp_(0, 2 ** (bits + 1) - 1)
     b = torch.mul(mean / std, weight)
     b = torch.sub(bias, b, out=b).div_(out_scale).mul_(p).round_()

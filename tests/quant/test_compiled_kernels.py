@@ -52,6 +52,13 @@ def test_powers_of_two_from_bits_are_exp2():
     assert torch.equal(compiled(Fq._power_of_two)(k), exact)
 
 
+def test_lis_outputs_from_codes_are_the_table():
+    codes = torch.arange(512, dtype=torch.int32)
+    for bits in (1, 4, 6):
+        assert_bits_equal(Fq._lis_from_codes(codes, bits), Fq._lis_table(bits, codes.device))
+        assert_bits_equal(compiled(lambda c: Fq._lis_from_codes(c, bits))(codes), Fq._lis_table(bits, codes.device))
+
+
 def test_compiled_int_layernorm_is_eager():
     kernel = compiled(lambda *args: Fq.int_layernorm(*args))
     for shape, channels_in, per_tensor in [((4, 197, 192), 192, False), ((2, 49, 384), 96, False), ((3, 10, 96), 96, True)]:
@@ -78,19 +85,21 @@ def test_compiled_int_layernorm_sums_squares_in_eager_order():
 
 
 def test_compiled_log_int_softmax_is_eager():
-    kernel = compiled(lambda a, b: Fq.log_int_softmax(a, b, UINT4))
-    for scale in (2.5e-3, 0.0173, 0.11):  # one graph: the scale is an input
-        x, s = scores((2, 3, 197, 197), scale, seed=23)
-        x[0, 0, :5] = x.min()  # rows whose exponentials underflow to 0 (y infinite: output 0)
-        with torch.no_grad():
-            eager = Fq.log_int_softmax(x, s, UINT4)
-            got = kernel(x, s)
-        assert_bits_equal(got, eager)
-        assert_bits_equal(got, ref_log_int_softmax(x, s, UINT4))
+    for bit_type, scales in ((UINT4, (2.5e-3, 0.0173, 0.11)), (get_bit_type("uint8"), (0.0173,))):
+        kernel = compiled(lambda a, b: Fq.log_int_softmax(a, b, bit_type))
+        for scale in scales:  # one graph: the scale is an input
+            x, s = scores((2, 3, 197, 197), scale, seed=23)
+            x[0, 0, :5] = x.min()  # rows whose exponentials underflow to 0 (y infinite: output 0)
+            with torch.no_grad():
+                eager = Fq.log_int_softmax(x, s, bit_type)
+                got = kernel(x, s)
+            assert_bits_equal(got, eager)
+            assert_bits_equal(got, ref_log_int_softmax(x, s, bit_type))
 
 
 def test_row_sum_ops_are_the_eager_reductions():
     x = torch.randint(-2040, 2041, (3, 7, 385)).float()
+    x[0, 0] = torch.rand(385) * 1e6  # not integers: the mean is still eager's bit for bit
     mean, total, squares = torch.ops.fqvit.layernorm_row_stats(x, x * x)
     assert_bits_equal(mean, x.mean(-1, keepdim=True))
     assert_bits_equal(total, x.sum(-1, keepdim=True))
