@@ -224,8 +224,11 @@ def omse_candidate_errors(
     Candidate ``i`` uses range ``[min*(1-0.01i), max*(1-0.01i)]``. Returns ``(errors[num_candidates]``
     in float64, ``mins[num_candidates]``, ``maxs[num_candidates])``. Candidates are evaluated
     ``chunk`` at a time (vectorized, bounded memory), never element by element.
-    With ``select`` (candidate indices), only the chunks holding them are evaluated, each exactly as
-    in the full search (same rows, same shapes: the same bits); the other errors are ``+inf``.
+    With ``select`` (candidate indices), only those errors are computed, bit for bit as in the full
+    search; the others are ``+inf``. A chunk is a ``[rows, n]`` float64 row sum; on CPU each row of
+    it gets the same bits for any ``rows >= 2`` (a row is reduced whole by one thread; a single row
+    is split across threads), so 2 to ``chunk`` selected candidates form one chunk of their own;
+    otherwise (one candidate, or another device) the full search's chunks that hold them are run.
     """
     # (1 - 0.01 i) is formed in double precision, then the product is taken in x's dtype.
     factors = torch.tensor([1.0 - 0.01 * i for i in range(num_candidates)], dtype=x.dtype, device=x.device)
@@ -233,35 +236,40 @@ def omse_candidate_errors(
     maxs = max_val.to(x.device) * factors
     scales, zero_points = asymmetric_qparams(mins, maxs, bit_type)
     flat = x.reshape(1, -1)
+    groups = [list(range(start, min(start + chunk, num_candidates))) for start in range(0, num_candidates, chunk)]
+    if select is not None:
+        chosen = sorted({int(i) for i in select})
+        if x.device.type == "cpu" and 2 <= len(chosen) <= chunk:
+            groups = [chosen]
+        else:
+            groups = [g for g in groups if any(g[0] <= i <= g[-1] for i in chosen)]
+    params = []
+    for rows in groups:
+        span = slice(rows[0], rows[-1] + 1) if rows[-1] - rows[0] + 1 == len(rows) else rows
+        params.append((scales[span][:, None], zero_points[span][:, None]))
     errors = []
-    wanted = None if select is None else {i - i % chunk for i in select}
     if _needs_autograd(flat, scales) or flat.dtype != scales.dtype:
-        for start in range(0, num_candidates, chunk):
-            if wanted is not None and start not in wanted:
-                errors.append(torch.full((min(chunk, num_candidates - start),), math.inf, dtype=torch.float64, device=x.device))
-                continue
-            s = scales[start : start + chunk, None]
-            z = zero_points[start : start + chunk, None]
+        for s, z in params:
             diff = fake_quantize(flat, s, z, bit_type) - flat
             errors.append(diff.double().pow(2).sum(dim=1))
+    else:
+        # The same chunks (a [rows, n] reduction per chunk, as above), computed in two reused buffers.
+        # The squares of float32 differences are exact in float64, so ``d * d`` equals ``d.pow(2)``.
+        rows_max = max((len(g) for g in groups), default=0)
+        buffer = torch.empty(rows_max, flat.shape[1], dtype=flat.dtype, device=flat.device)
+        squares = torch.empty(rows_max, flat.shape[1], dtype=torch.float64, device=flat.device)
+        for s, z in params:
+            q = torch.div(flat, s, out=buffer[: s.shape[0]])
+            q.add_(z).round_().clamp_(bit_type.lower, bit_type.upper).sub_(z).mul_(s).sub_(flat)
+            d = squares[: s.shape[0]]
+            d.copy_(q)
+            errors.append(d.mul_(d).sum(dim=1))
+    if select is None:
         return torch.cat(errors), mins, maxs
-    # The same chunks (a [rows, n] reduction per chunk, as above), computed in two reused buffers.
-    # The squares of float32 differences are exact in float64, so ``d * d`` equals ``d.pow(2)``.
-    rows = min(chunk, num_candidates)
-    buffer = torch.empty(rows, flat.shape[1], dtype=flat.dtype, device=flat.device)
-    squares = torch.empty(rows, flat.shape[1], dtype=torch.float64, device=flat.device)
-    for start in range(0, num_candidates, chunk):
-        if wanted is not None and start not in wanted:
-            errors.append(torch.full((min(chunk, num_candidates - start),), math.inf, dtype=torch.float64, device=x.device))
-            continue
-        s = scales[start : start + chunk, None]
-        z = zero_points[start : start + chunk, None]
-        q = torch.div(flat, s, out=buffer[: s.shape[0]])
-        q.add_(z).round_().clamp_(bit_type.lower, bit_type.upper).sub_(z).mul_(s).sub_(flat)
-        d = squares[: s.shape[0]]
-        d.copy_(q)
-        errors.append(d.mul_(d).sum(dim=1))
-    return torch.cat(errors), mins, maxs
+    placed = torch.full((num_candidates,), math.inf, dtype=torch.float64, device=x.device)
+    for rows, values in zip(groups, errors):
+        placed[rows] = values
+    return placed, mins, maxs
 
 
 def ptf_scales(min_val: Tensor, max_val: Tensor, bit_type: BitType) -> tuple[Tensor, Tensor]:

@@ -17,12 +17,12 @@ from .functional import (
     channel_layout,
     exact_quantile,
     extreme_values,
-    omse_candidate_errors,
     ptf_channel_errors,
     ptf_scales,
     quantile_tail_size,
     range_to_qparams,
 )
+from .omse_search import omse_search
 from .reduce import MergeRule, get_reducer
 
 __all__ = [
@@ -166,7 +166,12 @@ class PercentileObserver(EmaObserver):
 
 
 class OmseObserver(Observer):
-    """Running min/max, then the clipping of 90 shrunk ranges with the least MSE on the last batch (§5)."""
+    """Running min/max, then the clipping of 90 shrunk ranges with the least MSE on the last batch (§5).
+
+    The search is :func:`~fqvit_pl.quant.omse_search.omse_search`: the full search's choice (its
+    first minimum of the float64 errors, merged over processes by ``SEARCH_MERGE``), found by exact
+    pruning; ``omse_candidate_errors`` remains the reference it reproduces.
+    """
 
     SEARCH_MERGE: ClassVar[dict[str, MergeRule]] = {"errors": "sum"}
     num_candidates: int = 90
@@ -180,10 +185,9 @@ class OmseObserver(Observer):
     def compute_qparams(self, x: Tensor) -> tuple[Tensor, Tensor]:
         self._check_observed()
         channels = self._layout(x).float()
-        errors, mins, maxs = omse_candidate_errors(channels, self.min_val, self.max_val, self.bit_type, self.num_candidates)
-        errors = get_reducer().reduce(errors, self.SEARCH_MERGE["errors"])
-        best = torch.argmin(errors)  # first minimum: the earliest candidate wins a tie
-        return range_to_qparams(mins[best], maxs[best], self.bit_type)
+        choice = omse_search(channels, self.min_val, self.max_val, self.bit_type, self.num_candidates, reducer=get_reducer())
+        best = choice.index  # first minimum: the earliest candidate wins a tie
+        return range_to_qparams(choice.mins[best], choice.maxs[best], self.bit_type)
 
 
 class PtfObserver(Observer):
