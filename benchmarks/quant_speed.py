@@ -59,7 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--img-size", type=int, default=None, help="input resolution (default: the model's, 224)")
     parser.add_argument("--reps", type=int, default=3, help="repetitions of every throughput figure (median reported)")
     parser.add_argument("--iters", type=int, default=1, help="forward passes timed together in one repetition")
-    parser.add_argument("--calib-batches", type=int, default=2, help="calibration batches (the same for every method)")
+    parser.add_argument("--calib-batches", type=int, default=10,
+                        help="calibration batches, the same for every method (the published protocol uses 10)")
     parser.add_argument("--calib-reps", type=int, default=2, help="repetitions of every calibration time (median reported)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="also time torch.compile'd models")
     parser.add_argument("--compile-fqvit-float", action="store_true",
@@ -70,7 +71,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda if available")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's default)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true", help="smoke run: batch 4, 2 reps, 1 calibration rep, no compile")
+    parser.add_argument("--quick", action="store_true", help="smoke run: batch 4, 2 reps, 2 calibration batches, 1 calibration rep, no compile")
     parser.add_argument("--json", default=None, help="also write the raw results to this file")
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -79,7 +80,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.models is None:
         args.models = ["deit_tiny", "swin_tiny"]
     if args.quick:
-        args.batch_size, args.reps, args.calib_reps, args.compile = 4, 2, 1, False
+        args.batch_size, args.reps, args.calib_batches, args.calib_reps, args.compile = 4, 2, 2, 1, False
     return args
 
 
