@@ -12,10 +12,12 @@ Proof (details at each function):
 
 1. Binning (:func:`bin_statistics`). Bins have a power-of-two width ``w = 2**e``. For float32 ``x``,
    ``V = (x / w - first) 2**F`` is formed in float64 with one rounding (``x 2**(F - e)`` is exact,
-   ``first 2**F`` is exact, ``0 <= V < 2**(19 + F)``: error ``<= 2**(F - 34)``); ``U = trunc(V) >= 0``
-   gives the bin ``U >> F`` and the fraction field ``U & (2**F - 1)``. So every element counted in
-   bin ``b`` has ``x = w (first + b + rho)`` with ``rho`` within ``[f 2**-F - ETA, (f + 1) 2**-F + ETA]``
-   (``ETA = 2**-34``). Counts and fraction fields are summed in int64: exact, in any order.
+   ``first 2**F`` is exact, ``0 <= V < 2**(19 + F)``: error ``<= 2**(F - 34)``); ``U = trunc(V) >= 0``,
+   or (faster, no float-to-integer conversion) ``U = round(fl(V - 1/2)) >= 0`` read off the bits of
+   ``fl(V - 1/2) + 1.5 * 2**52`` (``|U - (V - 1/2)| <= 1/2 + 2**(F - 34)``: the same ``U <= V <= U + 1``
+   up to the rounding), gives the bin ``U >> F`` and the fraction field ``U & (2**F - 1)``. So every
+   element counted in bin ``b`` has ``x = w (first + b + rho)`` with ``rho`` within
+   ``[f 2**-F - ETA, (f + 1) 2**-F + ETA]`` (``ETA = 2**-34``). Counts and fraction fields are summed in int64: exact, in any order.
 2. One candidate (:func:`error_bounds`), scale ``s`` and zero point ``z``. Its code
    ``q(x) = clamp(round(x / s + z))`` in float32 is non-decreasing in ``x`` (each IEEE step is), and so
    is ``g(q) = (q - z) * s``. Evaluated with the full search's float32 operations at float32 edges
@@ -25,9 +27,13 @@ Proof (details at each function):
    have ``q(L) == q(U)``: one code, one ``g``. A segment's ``sum (g - x)**2`` is a quadratic in the
    bin moments (count, sum of ``b``, sum of ``b**2``: exact integers from int64 prefix sums) and in
    ``sum rho``, ``sum b rho`` and ``sum rho**2`` (intervals from the fraction sums); it is evaluated in
-   float64 with a generous bound on its rounding. In a block, each element's error lies between the
-   smallest and the largest ``(g_k - x)**2`` over the codes ``k`` in ``[q(L), q(U)]`` and ``x`` in
-   ``[L, U]``. A candidate whose blocks overlap or whose segment check fails gets ``[0, inf]``.
+   float64 with a generous bound on its rounding (some 30 roundings, each within ``2**-53`` of a
+   magnitude at most about ``sum (|h| + beta + 1)**2``; the margin is ``2**-46`` of that). In a block,
+   each element's error lies between the smallest and the largest ``(g_k - x)**2`` over the codes
+   ``k`` in ``[q(L), q(U)]`` and ``x`` in ``[L, U]``. An empty piece has all moments (and block
+   count) 0, so its terms are exactly 0 without any masking, unless they overflow to ``inf``/``nan``.
+   A candidate whose blocks overlap, whose segment check fails, or whose bounds come out
+   ``inf``/``nan`` gets ``[0, inf]``.
 3. From real sums to the full search's numbers: its ``d = fl32(g - x)`` is ``(g - x)(1 + delta)`` with
    ``|delta| <= 2**-24`` (or an absolute ``2**-150`` below float32's normal range); ``d**2`` is exact
    in float64, and its float64 sum of the ``n`` non-negative squares (any summation tree) is within
@@ -77,6 +83,9 @@ _MAX_LEVELS = 1023
 #: 1.5 * 2**23: ``(v + M) - M`` rounds a float32 ``|v| <= 2**22`` to the nearest integer, ties to even.
 _ROUND_MAGIC = 12582912.0
 _U = 2.0**-53  # float64 unit roundoff
+#: 1.5 * 2**52 and its bits: ``(v + _MAGIC)`` rounds a float64 ``-1/2 <= v < 2**51`` to an integer, ties to even.
+_MAGIC = 6755399441055744.0
+_MAGIC_BITS = 0x4338000000000000
 
 
 @dataclass(frozen=True)
@@ -132,6 +141,17 @@ def _workspace(numel: int, device: torch.device) -> Tensor:
     return buf[:numel]
 
 
+def _arange(numel: int, device: torch.device) -> Tensor:
+    """``torch.arange(numel)`` (int64), cached: a reused, never written prefix of a longer one."""
+    cache = getattr(_WORKSPACE, "aranges", None)
+    if cache is None:
+        cache = _WORKSPACE.aranges = {}
+    ramp = cache.get(device)
+    if ramp is None or ramp.numel() < numel:
+        ramp = cache[device] = torch.arange(max(numel, 1 << 18), dtype=torch.int64, device=device)
+    return ramp[:numel]
+
+
 def _flat_any_order(x: Tensor) -> Tensor:
     """The elements of ``x`` as a 1-D tensor, in whatever order avoids a copy (binning ignores order)."""
     if x.is_contiguous():
@@ -147,8 +167,16 @@ def bin_statistics(flat: Tensor, lo: float, hi: float, *, max_bin_bits: int = _M
     Per element: ``V = (x / w - first) 2**F`` is formed in float64 (``x 2**(F - e)`` exactly, then one
     rounding of the subtraction: ``|error| <= 2**(F - 34)`` as ``0 <= V < 2**(19 + F)``), ``U = trunc``
     of it (``U >= 0``), bin ``U >> F`` and fraction field ``U & (2**F - 1)``: hence the ``ETA = 2**-34``
-    margin of :class:`BinnedStats`. Count and fraction field are packed in one int64 and summed with
-    ``index_add_``: integer sums, exact in any order. Returns ``None`` when the tensor is too large
+    margin of :class:`BinnedStats`. Where ``first 2**F + 1/2`` is exact (``|first 2**F| < 2**52``, the
+    usual case) the subtraction is of ``first 2**F + 1/2`` instead (real result in ``[-1/2, 2**(19 + F))``,
+    the same rounding bound, and ``>= -1/2`` after rounding, -1/2 being a float64), and adding
+    ``1.5 * 2**52`` rounds it to the integer ``U``, ties to even (spacing 1 in ``[2**52, 2**53)``):
+    ``V - 1/2 - 2**(F - 34) - 1/2 <= U <= V - 1/2 + 2**(F - 34) + 1/2``, i.e. ``V`` within
+    ``[U, U + 1]`` widened by ``2**(F - 34)``, as with ``trunc``; ``U >= 0`` (-1/2 rounds to the even 0).
+    The double's bits are ``bits(1.5 * 2**52) + U``, whose low 48 bits are 0 and ``U < 2**48``, so bin
+    and fraction field come off them by a shift (minus ``bits(1.5 * 2**52) >> F``) and a mask. Count
+    and fraction field are packed in one int64 and summed with ``scatter_add_``: integer sums, exact
+    in any order. Returns ``None`` when the tensor is too large
     for exact int64 moments.
     """
     n = flat.numel()
@@ -165,21 +193,35 @@ def bin_statistics(flat: Tensor, lo: float, hi: float, *, max_bin_bits: int = _M
     exponent = math.frexp(span)[1] - bin_bits if span > 0 else math.frexp(max(abs(lo), 1e-30))[1]
     first = math.floor(lo / 2.0**exponent)  # python floats: exact (power-of-two scaling, far from underflow)
     bins = math.floor(hi / 2.0**exponent) - first + 2  # one spare bin: V may round up to the end
+    flush_every = 1 << (pack_bits - 1) if n >= 1 << _PACK_BITS else n  # < 2**pack_bits per packed histogram
+    args = (bins, block, exponent, first, frac_bits, bin_bits, count_shift, flush_every)
+    count, frac = _bin_blocks(flat, *args)
+    return BinnedStats(exponent, first, frac_bits, count.clone(), frac.clone(), n)
+
+
+def _bin_blocks(flat: Tensor, bins: int, block: int, exponent: int, first: int, frac_bits: int, bin_bits: int,
+                count_shift: int, flush_every: int) -> tuple[Tensor, Tensor]:
+    """The count and fraction-sum histograms of ``flat`` (see :func:`bin_statistics`): views of this thread's workspace."""
+    n = flat.numel()
     device = flat.device
     packed = _workspace(3 * bins, device)
     count, frac, packed = packed[:bins], packed[bins : 2 * bins], packed[2 * bins :]
     count.zero_()
     frac.zero_()
     packed.zero_()
-    m0 = min(block, n)
+    m0 = max(min(block, n), 1)
     v_buf = torch.empty(m0, dtype=torch.float64, device=device)
     u_buf = torch.empty(m0, dtype=torch.int64, device=device)
     i_buf = torch.empty(m0, dtype=torch.int64, device=device)
     scale = 2.0 ** (frac_bits - exponent)
     direct = 0 <= frac_bits - exponent <= 126  # x * scale is exact in float32 (a power of two, no underflow)
     offset = float(first) * 2.0**frac_bits  # exact in float64
+    # U = round(fl(V - 1/2)) by the float64 "magic number": V - 1/2 + 1.5 * 2**52 lands in [2**52, 2**53),
+    # spacing 1, so its bits are bits(1.5 * 2**52) + U (the low 48 bits of the former are 0): no
+    # float-to-int64 conversion. Needs offset + 1/2 exact (|offset| < 2**52); else U = trunc(V).
+    magic = abs(offset) < 2.0**52 and frac_bits + bin_bits + 2 <= 48
+    magic_bin = _MAGIC_BITS >> frac_bits
     mask, one_count = (1 << frac_bits) - 1, 1 << count_shift
-    flush_every = 1 << (pack_bits - 1) if n >= 1 << _PACK_BITS else n  # < 2**pack_bits per packed histogram
     since_flush = 0
     for start in range(0, n, block):
         xs = flat[start : start + block]
@@ -195,12 +237,17 @@ def bin_statistics(flat: Tensor, lo: float, hi: float, *, max_bin_bits: int = _M
             torch.mul(xs, scale, out=v)
         else:
             v.copy_(xs).mul_(scale)
-        u = u_buf[:m].copy_(v.sub_(offset))  # truncation of a value >= 0: floor
-        idx = torch.bitwise_right_shift(u, frac_bits, out=i_buf[:m])
-        packed.index_add_(0, idx, u.bitwise_and_(mask).bitwise_or_(one_count))
+        idx = i_buf[:m]
+        if magic:
+            u = v.sub_(offset + 0.5).add_(_MAGIC).view(torch.int64)
+            torch.bitwise_right_shift(u, frac_bits, out=idx).sub_(magic_bin)
+        else:
+            u = u_buf[:m].copy_(v.sub_(offset))  # truncation of a value >= 0: floor
+            torch.bitwise_right_shift(u, frac_bits, out=idx)
+        packed.scatter_add_(0, idx, u.bitwise_and_(mask).bitwise_or_(one_count))
     count.add_(packed >> count_shift)
     frac.add_(packed & (one_count - 1))
-    return BinnedStats(exponent, first, frac_bits, count.clone(), frac.clone(), n)
+    return count, frac
 
 
 def _round_half_even(v: Tensor) -> Tensor:
@@ -226,21 +273,22 @@ def _dequantize(codes: Tensor, scales: Tensor, zero_points: Tensor) -> Tensor:
     return torch.sub(codes, zero_points).mul_(scales)
 
 
-def _edges(stats: BinnedStats, first_bin: Tensor, last_bin: Tensor) -> tuple[Tensor, Tensor]:
-    """float32 ``L <= x <= U`` for every element counted in bins ``first_bin..last_bin`` (int64 tensors).
+def _boundary_edges(stats: BinnedStats, boundary: Tensor) -> tuple[Tensor, Tensor]:
+    """float32 edges at bin boundaries ``p`` (int64): ``L(p) <= x`` for every element counted in a bin
+    ``>= p``, and ``x <= U(p)`` for every element counted in a bin ``< p``.
 
-    Such an element has ``x / w`` in ``[first + first_bin - ETA, first + last_bin + 1 + ETA]``; the
-    float64 edges are widened by ``2 ETA`` times their magnitude in bins (far above their rounding),
-    then rounded outwards to float32.
+    Such elements have ``x / w >= first + p - ETA``, resp. ``x / w <= first + p + ETA``; the float64
+    edges are widened by ``2 ETA`` times their magnitude in bins (far above their rounding), then
+    rounded outwards to float32.
     """
     w = 2.0**stats.exponent
-    j_lo = (first_bin + stats.first).double()
-    j_hi = (last_bin + (stats.first + 1)).double()
-    lo64 = (j_lo - (j_lo.abs() + 1.0) * (2 * ETA)) * w
-    hi64 = (j_hi + (j_hi.abs() + 1.0) * (2 * ETA)) * w
+    j = (boundary + stats.first).double()
+    pad = (j.abs() + 1.0).mul_(2 * ETA)
+    lo64 = torch.sub(j, pad).mul_(w)
+    hi64 = j.add_(pad).mul_(w)
     lo32, hi32 = lo64.float(), hi64.float()
-    lo32 = torch.where(lo32.double() > lo64, torch.nextafter(lo32, torch.full_like(lo32, -math.inf)), lo32)
-    hi32 = torch.where(hi32.double() < hi64, torch.nextafter(hi32, torch.full_like(hi32, math.inf)), hi32)
+    lo32 = torch.where(lo32.double() > lo64, torch.nextafter(lo32, lo32.new_full((), -math.inf)), lo32)
+    hi32 = torch.where(hi32.double() < hi64, torch.nextafter(hi32, hi32.new_full((), math.inf)), hi32)
     return lo32, hi32
 
 
@@ -255,98 +303,108 @@ def error_bounds(stats: BinnedStats, scales: Tensor, zero_points: Tensor, bit_ty
     K, n, bins, e, F = scales.numel(), stats.numel, stats.count.numel(), stats.exponent, stats.frac_bits
     w = 2.0**e
     # Exclusive prefix sums (int64, exact) of count, count*b, count*b**2, frac, frac*b: P[:, k] = sum over bins < k.
-    scratch = _workspace(7 * bins + 5, device)
-    b, term, prefix = scratch[:bins], scratch[bins : 2 * bins], scratch[2 * bins :].view(5, bins + 1)
-    torch.arange(bins, out=b)
+    # No elementwise op here runs on more than _BLOCK elements (bins in blocks, boundaries by halves):
+    # larger ones would fork an OpenMP team, which on a busy machine can wait a whole time slice.
+    scratch = _workspace(6 * bins + 5, device)
+    b, term, prefix = _arange(bins, device), scratch[:bins], scratch[bins:].view(5, bins + 1)
+    blocks = [slice(start, min(start + _BLOCK, bins)) for start in range(0, bins, _BLOCK)]
     prefix[:, 0] = 0
-    torch.cumsum(stats.count, 0, out=prefix[0, 1:])
-    torch.cumsum(torch.mul(stats.count, b, out=term), 0, out=prefix[1, 1:])
-    torch.cumsum(term.mul_(b), 0, out=prefix[2, 1:])
+    torch.cumsum(stats.count, 0, out=prefix[0, 1:])  # a 1-D scan runs on the calling thread
+    for sl in blocks:
+        torch.mul(stats.count[sl], b[sl], out=term[sl])
+    torch.cumsum(term, 0, out=prefix[1, 1:])
+    for sl in blocks:
+        term[sl].mul_(b[sl])
+    torch.cumsum(term, 0, out=prefix[2, 1:])
     torch.cumsum(stats.frac, 0, out=prefix[3, 1:])
-    torch.cumsum(torch.mul(stats.frac, b, out=term), 0, out=prefix[4, 1:])
+    for sl in blocks:
+        torch.mul(stats.frac[sl], b[sl], out=term[sl])
+    torch.cumsum(term, 0, out=prefix[4, 1:])
 
     s32, z32 = scales.reshape(K, 1).float(), zero_points.reshape(K, 1).float()
     s64, z64 = s32.double(), z32.double()
     # Blocks: the bins within a margin of each real rounding threshold (k + 1/2 - z) s; the float32
     # threshold lies well inside the margin, and the checks below make that irrelevant for correctness.
     k = torch.arange(bit_type.lower, bit_type.upper, dtype=torch.float64, device=device)
-    tau = (k + 0.5 - z64) * s64  # [K, T]
-    margin = s64 * 2.0**-10 + tau.abs() * 2.0**-20
+    tau = (k + 0.5 - z64).mul_(s64)  # [K, T]
+    margin = tau.abs().mul_(2.0**-20).add_(s64, alpha=2.0**-10)
     limit = float(bins + 2)
 
     def bin_of(v: Tensor) -> Tensor:
         # floor(v / w) - first, clamped into [-1, bins]; div_floor is exact here and runs without threads.
-        scaled = torch.div(v * (1.0 / w) - stats.first, 1.0, rounding_mode="floor")
+        scaled = torch.div(v.mul_(1.0 / w).sub_(stats.first), 1.0, rounding_mode="floor")
         return scaled.clamp_(-2.0, limit).to(torch.int64).clamp_(-1, bins)
 
-    blk_lo = bin_of(tau - margin).clamp_(0, bins)  # an empty block below the data is (0, -1) ...
-    blk_hi = bin_of(tau + margin).clamp_(-1, bins - 1)  # ... and above it (bins, bins - 1)
-    # Pieces: segment 0, block 0, segment 1, ..., block T-1, segment T, as bin ranges [pos_j, pos_j+1).
-    T = blk_lo.shape[1]
-    pos = torch.empty(K, 2 * T + 2, dtype=torch.int64, device=device)
-    pos[:, 0], pos[:, -1] = 0, bins
-    pos[:, 1:-1:2], pos[:, 2:-1:2] = blk_lo, blk_hi + 1
+    T = tau.shape[1]
+    # Pieces: segment 0, block 0, segment 1, ..., block T-1, segment T, as bin ranges. bound[0] holds
+    # the segments' starts, bound[1] their ends; block j is [bound[1][:, j], bound[0][:, j + 1]).
+    bound = torch.empty(2, K, T + 1, dtype=torch.int64, device=device)
+    starts, ends = bound[0], bound[1]
+    starts[:, 0], ends[:, -1] = 0, bins
+    ends[:, :-1] = bin_of(tau - margin).clamp_(0, bins)  # an empty block below the data is (0, -1) ...
+    starts[:, 1:] = bin_of(tau.add_(margin)).clamp_(-1, bins - 1).add_(1)  # ... and above it (bins, bins - 1)
     # Blocks must be disjoint and in order; else the candidate is not bounded (never seen: s >> w).
-    ordered = (pos[:, 1:] >= pos[:, :-1]).all(dim=1)
-    if not bool(ordered.all()):
-        pos = torch.cummax(pos, dim=1).values  # keeps the pieces well formed (those candidates are dropped)
-    flat_pos = pos.reshape(-1)
-    at = torch.stack([torch.gather(prefix[r], 0, flat_pos) for r in range(5)]).view(5, K, 2 * T + 2)
-    sums = at[:, :, 1:] - at[:, :, :-1]  # [5, K, 2T+1]: per piece sums of count, count*b, count*b**2, frac, frac*b
-    m0 = sums[0]
-    used = m0 > 0
-    lower, upper = _edges(stats, pos[:, :-1].clamp(max=bins - 1), (pos[:, 1:] - 1).clamp(min=0))
-    q_lower, q_upper = _codes(lower, s32, z32, bit_type), _codes(upper, s32, z32, bit_type)
-    # q is monotone: every element of piece j has a code in [q_lower, q_upper]; a segment has one code.
-    ordered &= ((q_lower[:, 0::2] == q_upper[:, 0::2]) | ~used[:, 0::2]).all(dim=1)
-    g_lower = _dequantize(q_lower, s32, z32).double()
-    g_upper = _dequantize(q_upper, s32, z32).double()
+    ordered = (ends >= starts).all(dim=1) & (starts[:, 1:] >= ends[:, :-1]).all(dim=1)
+    if not bool(ordered.all()):  # keep the pieces well formed (those candidates are dropped)
+        pos = torch.cummax(bound.permute(1, 2, 0).reshape(K, 2 * T + 2), dim=1).values
+        bound.copy_(pos.view(K, T + 1, 2).permute(2, 0, 1))
+    at = torch.empty(5, 2, K, T + 1, dtype=torch.int64, device=device)
+    edges, codes = [], []
+    for half in range(2):
+        idx = bound[half].reshape(-1).to(torch.int32)  # index_select is several times faster with int32 indices
+        for r in range(5):
+            torch.index_select(prefix[r], 0, idx, out=at[r, half].view(-1))
+        lo_edge, hi_edge = _boundary_edges(stats, bound[half])
+        edges.append((lo_edge, hi_edge))
+        codes.append((_codes(lo_edge, s32, z32, bit_type), _codes(hi_edge, s32, z32, bit_type)))
+    sums = at[:, 1] - at[:, 0]  # [5, K, T+1]: per segment sums of count, count*b, count*b**2, frac, frac*b
+    blk_n = (at[0, 0, :, 1:] - at[0, 1, :, :-1]).double()  # [K, T]: count per block
+    # q is monotone: every element of a piece [p, p') has a code in [q(L(p)), q(U(p'))]; a segment has one code.
+    c0, c1, c2, r0, r1 = sums.unbind(0)
+    ordered &= ((codes[0][0] == codes[1][1]) | (c0 == 0)).all(dim=1)
 
     # Segment sum of (g - x)**2 / w**2 = sum (h - beta - rho)**2 with beta = b - b0, h = g / w - first - b0:
     # A = h^2 M0 - 2 h M1 + M2 (exact integer moments), cross = h X - Y with X = sum rho, Y = sum beta rho,
     # and Z = sum rho**2 in [max(X, 0)**2 / M0, (1 + ETA) X + 2 ETA M0] (-ETA <= rho <= 1 + ETA).
-    seg = slice(0, None, 2)
-    b0, c0, c1, c2, r0, r1 = pos[:, :-1][:, seg], m0[:, seg], sums[1][:, seg], sums[2][:, seg], sums[3][:, seg], sums[4][:, seg]
+    # An empty segment has all moments 0, so both its bounds are 0 (or nan/inf, which drops the candidate).
+    b0 = starts
     m1 = c1 - b0 * c0
-    m2 = c2 - 2 * b0 * c1 + b0 * b0 * c0
+    m2 = c2 - b0 * (c1 + m1)  # c2 - 2 b0 c1 + b0**2 c0
     qr = r1 - b0 * r0
     m0f, m1f, m2f = c0.double(), m1.double(), m2.double()
-    h = g_lower[:, seg] * (1.0 / w) - (b0 + stats.first).double()
+    h = _dequantize(codes[0][0], s32, z32).double().mul_(1.0 / w).sub_((b0 + stats.first).double())
     step = 2.0**-F
-    x_lo = torch.maximum(r0.double() * step - m0f * ETA, m0f * -ETA)
-    x_hi = torch.minimum(r0.double() * step + m0f * (step + ETA), m0f * (1 + ETA))
-    y_lo = torch.maximum(qr.double() * step - m1f * ETA, m1f * -ETA)
-    y_hi = torch.minimum(qr.double() * step + m1f * (step + ETA), m1f * (1 + ETA))
-    quad = (h * m0f - 2.0 * m1f) * h + m2f
-    positive = h >= 0
-    cross_min = torch.where(positive, h * x_lo, h * x_hi) - y_hi
-    cross_max = torch.where(positive, h * x_hi, h * x_lo) - y_lo
-    sq_lo = x_lo.clamp(min=0.0).square_() / m0f.clamp(min=1.0)
-    sq_hi = x_hi * (1 + ETA) + m0f * (2 * ETA)
-    # float64 rounding of all the above: far below 2**-46 of the magnitudes involved.
-    size = (h * h) * m0f + 2.0 * h.abs() * (m1f + m0f) + m2f + 2.0 * m1f + m0f
-    seg_lo = (quad - 2.0 * cross_max + sq_lo - size * 2.0**-46).clamp_(min=0.0)
-    seg_hi = quad - 2.0 * cross_min + sq_hi + size * 2.0**-46
-    seg_used = used[:, seg]
-    seg_lo = torch.where(seg_used, seg_lo, torch.zeros_like(seg_lo))
-    seg_hi = torch.where(seg_used, seg_hi, torch.zeros_like(seg_hi))
+    # X in [x_lo, x_lo + m0 (step + 2 ETA)], Y in [y_lo, y_lo + m1 (step + 2 ETA)] (f 2**-F - ETA <= rho <= (f + 1) 2**-F + ETA).
+    x_lo = r0.double().mul_(step).sub_(m0f, alpha=ETA)
+    x_w = m0f * (step + 2 * ETA)
+    y_lo = qr.double().mul_(step).sub_(m1f, alpha=ETA)
+    y_w = m1f * (step + 2 * ETA)
+    # quad - 2 cross over the box: quad - 2 h (x_lo + x_w / 2) + 2 y_lo -/+ |h| x_w, + [0, 2 y_w].
+    base = (h * m0f).sub_(m1f, alpha=2.0).mul_(h).add_(m2f)  # quad
+    base.sub_(torch.add(x_lo, x_w, alpha=0.5).mul_(h), alpha=2.0).add_(y_lo, alpha=2.0)
+    spread_x = h.abs().mul_(x_w)
+    # float64 rounding of all the above: far below 2**-46 of sum (|h| + beta + 1)**2, the size below.
+    h1 = h.abs_().add_(1.0)
+    size = (h1 * m0f).add_(m1f, alpha=2.0).mul_(h1).add_(m2f).mul_(2.0**-46)
+    sq_lo = x_lo.clamp(min=0.0).square_().div_(m0f.clamp(min=1.0))
+    seg_lo = (base - spread_x).add_(sq_lo).sub_(size).clamp_(min=0.0)
+    seg_hi = base.add_(spread_x).add_(y_w, alpha=2.0)  # + Z's upper bound (1 + ETA) (x_lo + x_w) + 2 ETA M0
+    seg_hi.add_(x_lo, alpha=1 + ETA).add_(x_w, alpha=1 + ETA).add_(m0f, alpha=2 * ETA).add_(size)
 
     # Blocks: each element's error lies between the extremes of (g_k - x)**2, k in [q(L), q(U)], x in [L, U].
-    blk = slice(1, None, 2)
-    lo_x, hi_x = lower[:, blk].double(), upper[:, blk].double()
-    g_lo, g_hi = g_lower[:, blk], g_upper[:, blk]
-    zero = torch.zeros_like(g_lo)
-    near = torch.minimum(torch.maximum(torch.maximum(lo_x - g_lo, g_lo - hi_x), zero),
-                         torch.maximum(torch.maximum(lo_x - g_hi, g_hi - hi_x), zero))
-    near = torch.where(q_upper[:, blk] - q_lower[:, blk] >= 2, zero, near)  # some g_k in between
-    far = torch.maximum((hi_x - g_lo).abs(), (g_hi - lo_x).abs())
-    blk_n = m0[:, blk].double()
-    blk_used = used[:, blk]
-    blk_lo = torch.where(blk_used, blk_n * near.square_() * (1 - 2.0**-48), zero)
-    blk_hi = torch.where(blk_used, blk_n * far.square_() * (1 + 2.0**-48), zero)
+    # An empty block contributes 0 (or nan/inf, which drops the candidate).
+    ql, qu = codes[1][0][:, :-1], codes[0][1][:, 1:]
+    lo_x, hi_x = edges[1][0][:, :-1].double(), edges[0][1][:, 1:].double()
+    g_lo, g_hi = _dequantize(ql, s32, z32).double(), _dequantize(qu, s32, z32).double()
+    near = torch.minimum(torch.maximum(lo_x - g_lo, g_lo - hi_x).clamp_(min=0.0),
+                         torch.maximum(lo_x - g_hi, g_hi - hi_x).clamp_(min=0.0))
+    near.mul_(qu - ql < 2)  # some g_k in between: 0
+    far = torch.maximum((hi_x - g_lo).abs_(), (g_hi - lo_x).abs_())
+    blk_lo = near.square_().mul_(blk_n).sum(dim=1) * (1 - 2.0**-48)
+    blk_hi = far.square_().mul_(blk_n).sum(dim=1) * (1 + 2.0**-48)
 
-    total_lo = seg_lo.sum(dim=1) * (w * w) + blk_lo.sum(dim=1)
-    total_hi = seg_hi.sum(dim=1) * (w * w) + blk_hi.sum(dim=1)
+    total_lo = seg_lo.sum(dim=1).mul_(w * w).add_(blk_lo)
+    total_hi = seg_hi.sum(dim=1).mul_(w * w).add_(blk_hi)
     # From the real sum of (g - x)**2 to the full search's float64 sum of fl32(g - x)**2: float32
     # rounding of the difference (2**-24 relative, squared; 2**-150 absolute when subnormal) and the
     # float64 sum of n non-negative terms (at most (n - 1) u relative), plus this function's own sums.
@@ -374,7 +432,8 @@ def _local_bounds(x: Tensor, scales: Tensor, zero_points: Tensor, bit_type: BitT
     if x.numel() < max(min_numel, 1) or x.dtype != torch.float32 or bit_type.levels > _MAX_LEVELS:
         return trivial
     flat = _flat_any_order(x)
-    lo, hi = float(flat.amin()), float(flat.amax())
+    lo_t, hi_t = torch.aminmax(flat)  # one pass
+    lo, hi = float(lo_t), float(hi_t)
     if not (math.isfinite(lo) and math.isfinite(hi)):
         return trivial
     stats = bin_statistics(flat, lo, hi)

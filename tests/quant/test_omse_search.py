@@ -279,6 +279,41 @@ def test_binning_counts_and_fractions(scale):
     assert (got <= exact + 1e-6 * exact + 1e-3).all() and (got >= exact - counts * (1 + 1e-6) - 1e-3).all()
 
 
+@pytest.mark.parametrize("center", [0.0, 1.0, -3.0, 1000.0, -1e6])
+def test_binning_far_from_zero(center):
+    # Narrow data far from 0: first * 2**F reaches past 2**52 (the trunc path) or not (the magic-number path).
+    x = (torch.randn(50_000, generator=_gen(12)) * 1e-3 + center).float()
+    lo_, hi_ = float(x.min()), float(x.max())
+    stats = S.bin_statistics(x, lo_, hi_, block=4096)
+    t = x.numpy().astype(np.float64) * 2.0**-stats.exponent  # exact
+    j = np.floor(t).astype(np.int64) - stats.first
+    assert np.array_equal(stats.count.numpy(), np.bincount(j, minlength=stats.count.numel()))
+    F = stats.frac_bits
+    exact = np.bincount(j, weights=(t - np.floor(t)) * 2.0**F, minlength=stats.count.numel())
+    got, counts = stats.frac.numpy().astype(np.float64), stats.count.numpy()
+    assert (got <= exact + 1e-6 * exact + 1e-3).all() and (got >= exact - counts * (1 + 1e-6) - 1e-3).all()
+    for v in [lo_, hi_, float(x[0]), float(np.nextafter(np.float32(lo_), np.float32(np.inf)))]:
+        _check_element(v, lo_, hi_)
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-3, 3e7, 1e-30])
+def test_boundary_edges_enclose_their_bins(scale):
+    # Every element x of bin b (exact floor(x / w) - first) has L(b) <= x <= U(b + 1); edges are monotone.
+    x = (torch.randn(20_000, generator=_gen(11)) * scale + 0.3 * scale).float()
+    lo_, hi_ = float(x.min()), float(x.max())
+    stats = S.bin_statistics(x, lo_, hi_, max_bin_bits=12)
+    bins = stats.count.numel()
+    lo_edge, hi_edge = S._boundary_edges(stats, torch.arange(bins + 1))
+    assert lo_edge.dtype == hi_edge.dtype == torch.float32
+    assert (lo_edge[1:] >= lo_edge[:-1]).all() and (hi_edge[1:] >= hi_edge[:-1]).all()
+    t = x.numpy().astype(np.float64) * 2.0**-stats.exponent  # exact
+    j = torch.from_numpy(np.floor(t).astype(np.int64) - stats.first)
+    assert (lo_edge[j] <= x).all() and (x <= hi_edge[j + 1]).all()
+    # and they are close: within a float32 ulp or two of the bin boundaries
+    w = 2.0**stats.exponent
+    assert torch.allclose(lo_edge.double(), (torch.arange(bins + 1) + stats.first).double() * w, rtol=2**-21, atol=w * 2**-20)
+
+
 def test_magic_rounding_is_torch_round():
     # Every half-integer and its float32 neighbours in the range the codes use, plus far values.
     k = torch.arange(-2**13, 2**13, dtype=torch.float32) / 2
