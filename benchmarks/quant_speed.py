@@ -10,7 +10,7 @@ float) are the headline.
 Weights are random (timm's initialization) and images random normal: speed does not depend on the
 values. A calibrated model of this script is therefore no accurate model.
 
-    python benchmarks/quant_speed.py                        # deit_tiny + swin_tiny, CPU (~9 min, 2 cores)
+    python benchmarks/quant_speed.py                        # deit_tiny + swin_tiny, CPU (~10 min, 2 cores)
     python benchmarks/quant_speed.py --quick                # smoke run, no compile (~2 min)
     python benchmarks/quant_speed.py --device cuda --models deit_base swin_base --batch-size 64
 
