@@ -427,7 +427,7 @@ def _lis_from_codes(codes: Tensor, bits: int) -> Tensor:
     return torch.where(codes == 511, float("nan"), out)  # 510, inf (e == 0): 0 as r >= levels
 
 
-@torch.library.custom_op("fqvit::row_sum", mutates_args=())
+@torch.library.custom_op("fqvit::row_sum", mutates_args=(), tags=(torch.Tag.needs_fixed_stride_order,))
 def _row_sum_op(x: Tensor) -> Tensor:
     """``x.sum(dim=-1, keepdim=True)`` by ATen, as the eager Log-Int-Softmax sums (its order)."""
     return x.sum(dim=-1, keepdim=True)
@@ -438,19 +438,25 @@ def _(x: Tensor) -> Tensor:
     return x.new_empty(x.shape[:-1] + (1,))
 
 
-@torch.library.custom_op("fqvit::layernorm_row_stats", mutates_args=())
-def _layernorm_row_stats_op(x_q: Tensor, squares: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``(mean(x_q), sum(x_q), sum(squares))`` over the last dim (keepdim) by the ATen reductions
-    of the eager integer LayerNorm, so that a compiled model sums in eager's order."""
-    total = x_q.sum(dim=-1, keepdim=True)
-    # ATen's CPU mean is this sum divided by the count (checked by the tests); elsewhere call it.
-    mean = total / x_q.shape[-1] if x_q.device.type == "cpu" else x_q.mean(dim=-1, keepdim=True)
-    return mean, total, squares.sum(dim=-1, keepdim=True)
+def _layernorm_row_stats(x_q: Tensor, squares: Tensor, s_min: Tensor) -> tuple[Tensor, Tensor]:
+    """§7 step 2 on ``x_q`` ``[..., C]`` (``squares = x_q * x_q``): ``(mean, std)``, each ``[..., 1]``."""
+    channels = x_q.shape[-1]
+    mean = x_q.mean(dim=-1, keepdim=True) * s_min
+    std = (s_min / channels) * torch.sqrt(channels * squares.sum(dim=-1, keepdim=True) - x_q.sum(dim=-1, keepdim=True) ** 2)
+    return mean, std
+
+
+@torch.library.custom_op("fqvit::layernorm_row_stats", mutates_args=(), tags=(torch.Tag.needs_fixed_stride_order,))
+def _layernorm_row_stats_op(x_q: Tensor, squares: Tensor, s_min: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`_layernorm_row_stats` run by ATen for a compiled model: its float32 sum of squares
+    depends on the summation order, and ATen's CPU ``sqrt`` (vectorized math library) is not
+    always inductor's correctly rounded one."""
+    return _layernorm_row_stats(x_q, squares, s_min)
 
 
 @_layernorm_row_stats_op.register_fake
-def _(x_q: Tensor, squares: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    return tuple(x_q.new_empty(x_q.shape[:-1] + (1,)) for _ in range(3))
+def _(x_q: Tensor, squares: Tensor, s_min: Tensor) -> tuple[Tensor, Tensor]:
+    return x_q.new_empty(x_q.shape[:-1] + (1,)), x_q.new_empty(x_q.shape[:-1] + (1,))
 
 
 def _power_of_two(k: Tensor) -> Tensor:
@@ -570,14 +576,12 @@ def int_layernorm(
 
 def _int_layernorm_fast(x: Tensor, in_scale: Tensor, out_scale: Tensor, weight: Tensor, bias: Tensor, bits: int) -> Tensor:
     """The no-autograd float32 path of :func:`int_layernorm`; ``in_scale`` is already ``[C]`` or ``[1]``."""
-    channels = x.shape[-1]
     # The same operations in the same order, in place on fresh [..., C] tensors; 2**n computed once.
     x_q = torch.div(x, in_scale).round_()
     s_min = in_scale.min()
     x_q.mul_(torch.round(in_scale / s_min))
-    mean = x_q.mean(dim=-1, keepdim=True) * s_min
     work = torch.mul(x_q, x_q)  # x_q.pow(2): integers below 2**12, exact either way
-    std = (s_min / channels) * torch.sqrt(channels * work.sum(dim=-1, keepdim=True) - x_q.sum(dim=-1, keepdim=True) ** 2)
+    mean, std = _layernorm_row_stats(x_q, work, s_min)
     # ``out=`` only into a contiguous tensor (torch.compile traces no other); else a fresh one.
     a = (torch.mul(s_min / std, weight, out=work) if work.is_contiguous() else torch.mul(s_min / std, weight)).div_(out_scale)
     sign = torch.sign(a)
@@ -592,13 +596,10 @@ def _int_layernorm_fast(x: Tensor, in_scale: Tensor, out_scale: Tensor, weight: 
 
 def _int_layernorm_traced(x: Tensor, in_scale: Tensor, out_scale: Tensor, weight: Tensor, bias: Tensor, bits: int) -> Tensor:
     """:func:`_int_layernorm_fast` written out of place for torch.compile: the same operations on the
-    same operands, with the order-dependent row sums taken by ATen (:func:`_layernorm_row_stats_op`)."""
-    channels = x.shape[-1]
+    same operands, with the row statistics taken by ATen (:func:`_layernorm_row_stats_op`)."""
     s_min = in_scale.min()
     x_q = torch.round(x / in_scale) * torch.round(in_scale / s_min)
-    mean, total, squares = torch.ops.fqvit.layernorm_row_stats(x_q, x_q * x_q)
-    mean = mean * s_min
-    std = (s_min / channels) * torch.sqrt(channels * squares - total**2)
+    mean, std = torch.ops.fqvit.layernorm_row_stats(x_q, x_q * x_q, s_min)
     a = (s_min / std) * weight / out_scale
     sign = torch.sign(a)
     a = torch.abs(a)
