@@ -50,11 +50,13 @@ EPS = float(torch.finfo(torch.float32).eps)
 # out-of-place transcription runs (the gradients of these floor/round chains are zero anyway).
 # Under torch.compile the integer LayerNorm and Log-Int-Softmax are traced for inductor to fuse,
 # except their float32 row sums: the sum of squares and the row sum of the integer exponentials
-# exceed 2**24, so their rounding depends on the summation order, and they run as an opaque op
-# (``torch.ops.fqvit.*``) that calls the same ATen reductions on the same tensor as eager.
-# Every other operation is elementwise IEEE arithmetic that inductor computes as ATen does (true
-# division, no fp contraction or unsafe math by default), a max, integer bit manipulation or a table
-# lookup: no ``log2`` or ``exp2`` whose last bit could depend on the implementation (see
+# exceed 2**24, so their rounding depends on the summation order, and they run as opaque ops
+# (``torch.ops.fqvit.*``) that call the same ATen code on the same tensors as eager (the
+# LayerNorm's per-token std too: ATen's CPU ``sqrt`` comes from a vector math library whose last
+# bit is not always that of inductor's correctly rounded one). Every other operation is
+# elementwise IEEE arithmetic that inductor computes as ATen does (true division, no fp
+# contraction or unsafe math by default), a max, integer bit manipulation or a table lookup: no
+# ``log2`` or ``exp2`` whose last bit could depend on the implementation (see
 # :func:`_layernorm_power`); tests/quant/test_compiled_kernels.py compares the bits. The fake
 # quantization is left to inductor to fuse (exact: the same IEEE operations).
 
