@@ -391,15 +391,14 @@ def _log_int_softmax_fast(x: Tensor, scale: Tensor, bits: int) -> Tensor:
     n, x0 = 30, torch.floor(-0.6931 / scale)
     x = torch.maximum(x, n * x0, out=x) if x.is_contiguous() else torch.maximum(x, n * x0)
     e = _int_exp_(x, x0, scale, n, 0.96963238 / 0.35815147, 1.0 / 0.35815147)
-    total = e.sum(dim=-1, keepdim=True)
-    y = (torch.div(total, e, out=e) if e.is_contiguous() else torch.div(total, e)).round_()  # 1 / probability; inf where e == 0
+    y = _inverse_probabilities(e, out=e if e.is_contiguous() else None)
     codes = torch.bitwise_right_shift(y.view(torch.int32), 22).bitwise_and_(511)
     return torch.index_select(_lis_table(bits, y.device), 0, codes.reshape(-1)).view(y.shape)
 
 
 def _log_int_softmax_traced(x: Tensor, scale: Tensor, bits: int) -> Tensor:
     """:func:`_log_int_softmax_fast` written out of place for torch.compile: the same operations on
-    the same operands, with the order-dependent row sum taken by ATen (:func:`_row_sum_op`)."""
+    the same operands, with the order-dependent row sum taken by ATen (:func:`_inverse_probabilities_op`)."""
     x = x / scale - x.amax(dim=-1, keepdim=True) / scale
     # Eager evaluates ``number / tensor`` as ``tensor.reciprocal() * number``: spelled out, so that
     # the trace does not depend on how dynamo maps Python's ``/``.
@@ -411,8 +410,7 @@ def _log_int_softmax_traced(x: Tensor, scale: Tensor, bits: int) -> Tensor:
     c = torch.floor(torch.reciprocal(scale**2) * (1.0 / 0.35815147))
     z = (r + b) * r + c
     e = torch.clamp(torch.floor(z * _power_of_two(-q + n)), min=0)
-    total = torch.ops.fqvit.row_sum(e)
-    y = torch.round(total / e)
+    y = torch.ops.fqvit.inverse_probabilities(e)
     codes = torch.bitwise_and(torch.bitwise_right_shift(y.view(torch.int32), 22), 511)
     if 2**bits - 1 > 126:  # outputs below 2**-126: keep the table
         return _lis_table(bits, y.device)[codes]
@@ -429,15 +427,22 @@ def _lis_from_codes(codes: Tensor, bits: int) -> Tensor:
     return torch.where(codes == 511, float("nan"), out)  # 510, inf (e == 0): 0 as r >= levels
 
 
-@torch.library.custom_op("fqvit::row_sum", mutates_args=(), tags=(torch.Tag.needs_fixed_stride_order,))
-def _row_sum_op(x: Tensor) -> Tensor:
-    """``x.sum(dim=-1, keepdim=True)`` by ATen, as the eager Log-Int-Softmax sums (its order)."""
-    return x.sum(dim=-1, keepdim=True)
+def _inverse_probabilities(e: Tensor, out: Tensor | None = None) -> Tensor:
+    """§8 step 3: ``y = round(sum(e) / e)`` over the last dim (1 / probability; inf where ``e == 0``)."""
+    return torch.div(e.sum(dim=-1, keepdim=True), e, out=out).round_()
 
 
-@_row_sum_op.register_fake
-def _(x: Tensor) -> Tensor:
-    return x.new_empty(x.shape[:-1] + (1,))
+@torch.library.custom_op("fqvit::inverse_probabilities", mutates_args=(), tags=(torch.Tag.needs_fixed_stride_order,))
+def _inverse_probabilities_op(e: Tensor) -> Tensor:
+    """:func:`_inverse_probabilities` by ATen for a compiled model: the float32 row sum exceeds
+    2**24, so its rounding depends on the summation order (and reading ``e`` once here is cheaper
+    than inductor's recomputing it for the division)."""
+    return _inverse_probabilities(e)
+
+
+@_inverse_probabilities_op.register_fake
+def _(e: Tensor) -> Tensor:
+    return torch.empty_like(e)
 
 
 def _layernorm_row_stats(x_q: Tensor, squares: Tensor, s_min: Tensor) -> tuple[Tensor, Tensor]:
