@@ -59,6 +59,7 @@ from __future__ import annotations
 import math
 import threading
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -130,26 +131,23 @@ class OmseChoice:
 _WORKSPACE = threading.local()
 
 
+def _reused(name: str, numel: int, device: torch.device, make: Callable[[int], Tensor], least: int) -> Tensor:
+    """The first ``numel`` elements of a per-thread, per-device tensor ``make(k)`` (``k >= least``), kept."""
+    cache = _WORKSPACE.__dict__.setdefault(name, {})
+    tensor = cache.get(device)
+    if tensor is None or tensor.numel() < numel:
+        tensor = cache[device] = make(max(numel, least))
+    return tensor[:numel]
+
+
 def _workspace(numel: int, device: torch.device) -> Tensor:
     """A reused int64 scratch tensor of at least ``numel`` elements (fresh MB-sized tensors cost page faults)."""
-    cache = getattr(_WORKSPACE, "tensors", None)
-    if cache is None:
-        cache = _WORKSPACE.tensors = {}
-    buf = cache.get(device)
-    if buf is None or buf.numel() < numel:
-        buf = cache[device] = torch.empty(max(numel, 1 << 20), dtype=torch.int64, device=device)
-    return buf[:numel]
+    return _reused("scratch", numel, device, lambda k: torch.empty(k, dtype=torch.int64, device=device), 1 << 20)
 
 
 def _arange(numel: int, device: torch.device) -> Tensor:
     """``torch.arange(numel)`` (int64), cached: a reused, never written prefix of a longer one."""
-    cache = getattr(_WORKSPACE, "aranges", None)
-    if cache is None:
-        cache = _WORKSPACE.aranges = {}
-    ramp = cache.get(device)
-    if ramp is None or ramp.numel() < numel:
-        ramp = cache[device] = torch.arange(max(numel, 1 << 18), dtype=torch.int64, device=device)
-    return ramp[:numel]
+    return _reused("ramp", numel, device, lambda k: torch.arange(k, dtype=torch.int64, device=device), 1 << 18)
 
 
 def _flat_any_order(x: Tensor) -> Tensor:
