@@ -23,7 +23,7 @@ from timm.models.swin_transformer import (
 )
 from torch import Tensor, nn
 
-from ..quant import QuantAct, QuantConfig, QuantLayerNorm, QuantLinear, QuantSoftmax
+from ..quant import QuantAct, QuantConfig, QuantLayerNorm, QuantLinear, QuantSoftmax, with_scratch_scope
 from .layers import QuantMlp, QuantPatchEmbed, check_input_size, init_weights
 
 __all__ = [
@@ -329,6 +329,7 @@ class QuantSwinTransformer(nn.Module):
         """
         return checkpoint_filter_fn(dict(state_dict), self)
 
+    @with_scratch_scope
     def forward_features(self, x: Tensor) -> Tensor:
         """Images ``[B, C, H, W]`` → normalized tokens ``[B, H'*W', num_features]`` (before their point)."""
         check_input_size(x, self.in_chans, self.img_size, self.model_name)
@@ -338,6 +339,7 @@ class QuantSwinTransformer(nn.Module):
             x, point = stage(x, point)
         return self.norm(x, point, self.norm_quant)
 
+    @with_scratch_scope
     def forward(self, x: Tensor) -> Tensor:
         """Images ``[B, in_chans, H, W]`` → logits ``[B, num_classes]``."""
         return self.head(self.norm_quant(self.forward_features(x)))

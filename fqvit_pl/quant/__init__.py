@@ -11,6 +11,7 @@ from .modules import QuantAct, QuantConv2d, QuantLayerNorm, QuantLinear, QuantMo
 from .observers import EmaObserver, MinMaxObserver, Observer, OmseObserver, PercentileObserver, PtfObserver, build_observer
 from .quantizers import Log2Quantizer, Quantizer, UniformQuantizer, build_quantizer
 from .reduce import DistributedReducer, LocalReducer, StatReducer, get_reducer, use_reducer
+from .scratch import scratch_scope, with_scratch_scope
 
 __all__ = [
     "BIT_TYPES", "BitType", "get_bit_type",
@@ -20,4 +21,5 @@ __all__ = [
     "QuantModule", "QuantAct", "QuantLinear", "QuantConv2d", "QuantLayerNorm", "QuantSoftmax",
     "calibrate", "calibration_checksum", "enable_quantization", "disable_quantization", "is_calibrated", "quant_modules", "reset_calibration", "default_reducer",
     "StatReducer", "LocalReducer", "DistributedReducer", "get_reducer", "use_reducer",
+    "scratch_scope", "with_scratch_scope",
 ]

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from .bit_type import BitType
+from .scratch import scratch_like
 
 __all__ = [
     "EPS",
@@ -314,15 +315,16 @@ def int_exp(x: Tensor, scale: Tensor, n: int = 30) -> Tensor:
         r = x - x0 * q
         z = r * (r + torch.floor(b / scale)) + torch.floor(c / scale**2)
         return torch.clamp(torch.floor(z * torch.pow(2.0, n - q)), min=0)
-    return _int_exp_(torch.maximum(x, n * x0), x0, scale, n, b, c)
+    return _int_exp_(torch.maximum(x, n * x0), x0, scale, n, b, c, torch.empty_like(x, memory_format=torch.contiguous_format))
 
 
-def _int_exp_(x: Tensor, x0: Tensor, scale: Tensor, n: int, b: float, c: float) -> Tensor:
-    """The fast path of :func:`int_exp` on ``x = maximum(x, n * x0)``, which it overwrites (float32, no autograd)."""
-    q = torch.div(x, x0).floor_()  # q = floor(x / x0), an integer in 0..n
-    z = torch.mul(q, x0)
+def _int_exp_(x: Tensor, x0: Tensor, scale: Tensor, n: int, b: float, c: float, out: Tensor) -> Tensor:
+    """The fast path of :func:`int_exp` on ``x = maximum(x, n * x0)``, which it overwrites (float32,
+    no autograd); the result is written to ``out`` (contiguous, ``x``'s shape)."""
+    q = torch.div(x, x0, out=scratch_like("int_exp.q", x)).floor_()  # q = floor(x / x0), an integer in 0..n
+    z = torch.mul(q, x0, out=out)
     r = x.sub_(z)  # r = x - x0 * q
-    z = torch.add(r, torch.floor(b / scale), out=z) if z.is_contiguous() else r + torch.floor(b / scale)
+    z = torch.add(r, torch.floor(b / scale), out=z)
     z.mul_(r).add_(torch.floor(c / scale**2))  # z = r * (r + floor(b / s)) + floor(c / s**2)
     # 2**(n - q): -q + n is n - q exactly; exp2 of an integer is the exact power of two, as pow(2.0, .).
     return z.mul_(q.neg_().add_(n).exp2_()).floor_().clamp_(min=0)
@@ -387,13 +389,15 @@ def _log_int_softmax_fast(x: Tensor, scale: Tensor, bits: int) -> Tensor:
     """The no-autograd float32 path of :func:`log_int_softmax` (in place on its own tensors)."""
     # amax(x / s) == amax(x) / s for s > 0 (division by a positive number is monotone), and every
     # scale is >= eps.
-    x = torch.div(x, scale).sub_(x.amax(dim=-1, keepdim=True) / scale)
+    # ``out`` carries e, then y, then the result; the shifted scores (then the codes) are scratch.
+    out = torch.empty(x.shape, device=x.device)
+    shifted = torch.div(x, scale, out=scratch_like("lis.shifted", x)).sub_(x.amax(dim=-1, keepdim=True) / scale)
     n, x0 = 30, torch.floor(-0.6931 / scale)
-    x = torch.maximum(x, n * x0, out=x) if x.is_contiguous() else torch.maximum(x, n * x0)
-    e = _int_exp_(x, x0, scale, n, 0.96963238 / 0.35815147, 1.0 / 0.35815147)
-    y = _inverse_probabilities(e, out=e if e.is_contiguous() else None)
-    codes = torch.bitwise_right_shift(y.view(torch.int32), 22).bitwise_and_(511)
-    return torch.index_select(_lis_table(bits, y.device), 0, codes.reshape(-1)).view(y.shape)
+    shifted = torch.maximum(shifted, n * x0, out=shifted)
+    e = _int_exp_(shifted, x0, scale, n, 0.96963238 / 0.35815147, 1.0 / 0.35815147, out)
+    y = _inverse_probabilities(e, out=e)
+    codes = torch.bitwise_right_shift(y.view(torch.int32), 22, out=shifted.view(torch.int32)).bitwise_and_(511)
+    return torch.index_select(_lis_table(bits, y.device), 0, codes.view(-1), out=out.view(-1)).view(x.shape)
 
 
 def _log_int_softmax_traced(x: Tensor, scale: Tensor, bits: int) -> Tensor:
@@ -584,18 +588,19 @@ def int_layernorm(
 def _int_layernorm_fast(x: Tensor, in_scale: Tensor, out_scale: Tensor, weight: Tensor, bias: Tensor, bits: int) -> Tensor:
     """The no-autograd float32 path of :func:`int_layernorm`; ``in_scale`` is already ``[C]`` or ``[1]``."""
     # The same operations in the same order, in place on fresh [..., C] tensors; 2**n computed once.
-    x_q = torch.div(x, in_scale).round_()
+    # The [..., C] temporaries are scratch; ``sign`` becomes the result.
+    x_q = torch.div(x, in_scale, out=scratch_like("layernorm.x_q", x)).round_()
     s_min = in_scale.min()
     x_q.mul_(torch.round(in_scale / s_min))
-    work = torch.mul(x_q, x_q)  # x_q.pow(2): integers below 2**12, exact either way
+    work = torch.mul(x_q, x_q, out=scratch_like("layernorm.work", x))  # x_q.pow(2): integers below 2**12, exact either way
     mean, std = _layernorm_row_stats(x_q, work, s_min)
-    # ``out=`` only into a contiguous tensor (torch.compile traces no other); else a fresh one.
-    a = (torch.mul(s_min / std, weight, out=work) if work.is_contiguous() else torch.mul(s_min / std, weight)).div_(out_scale)
+    a = torch.mul(s_min / std, weight, out=work).div_(out_scale)
     sign = torch.sign(a)
     a.abs_()
-    p = torch.log2(a).floor_().neg_().add_(bits).clamp_(0, 31).exp2_()  # 2**n, n = clamp(bits - floor(log2|a|), 0, 31)
+    # 2**n, n = clamp(bits - floor(log2|a|), 0, 31)
+    p = torch.log2(a, out=scratch_like("layernorm.power", x)).floor_().neg_().add_(bits).clamp_(0, 31).exp2_()
     m = a.mul_(p).floor_().clamp_(0, 2 ** (bits + 1) - 1)
-    b = torch.mul(mean / std, weight)
+    b = torch.mul(mean / std, weight, out=scratch_like("layernorm.offset", x))
     b = torch.sub(bias, b, out=b).div_(out_scale).mul_(p).round_()
     y_q = sign.mul_(m).mul_(x_q).add_(b).div_(p).round_()
     return y_q.mul_(out_scale)

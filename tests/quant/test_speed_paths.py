@@ -5,6 +5,7 @@ implementation before the speed work), kept here as the reference. Results are c
 bits (``view(int)``), NaN positions compared separately. No timing is asserted anywhere.
 """
 
+import contextlib
 import copy
 
 import pytest
@@ -13,6 +14,8 @@ import torch
 from fqvit_pl.models import create_model
 from fqvit_pl.quant import QuantConfig, QuantLinear, calibrate, disable_quantization, enable_quantization, get_bit_type
 from fqvit_pl.quant import functional as Fq
+from fqvit_pl.quant import scratch as scratch_module
+from fqvit_pl.quant import scratch_scope
 
 UINT8, INT8, UINT4 = get_bit_type("uint8"), get_bit_type("int8"), get_bit_type("uint4")
 
@@ -105,13 +108,20 @@ def assert_bits_equal(got, expected):
     assert torch.equal(got[~nan].contiguous().view(int_type), expected[~nan].contiguous().view(int_type))
 
 
-MODES = ["no_grad", "inference_mode"]
+MODES = ["no_grad", "inference_mode", "no_grad, scratch", "inference_mode, scratch"]
 
 
 def run(mode, fn):
-    ctx = torch.inference_mode() if mode == "inference_mode" else torch.no_grad()
-    with ctx:
-        return fn()
+    """``fn()`` without autograd; in a ``scratch`` mode inside a scratch scope, after which every
+    pooled buffer is overwritten with NaN bits: a result sharing pooled memory would change."""
+    ctx = torch.inference_mode() if mode.startswith("inference_mode") else torch.no_grad()
+    pooled = mode.endswith("scratch")
+    with ctx, (scratch_scope() if pooled else contextlib.nullcontext()):
+        result = fn()
+        if pooled:
+            for buffer in getattr(scratch_module._STATE, "pool", {}).values():
+                buffer.view(torch.uint8).fill_(0xFF)
+        return result
 
 
 def gen(seed):
