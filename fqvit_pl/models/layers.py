@@ -12,9 +12,9 @@ from typing import Sequence
 from timm.layers import to_2tuple, trunc_normal_
 from torch import Tensor, nn
 
-from ..quant import QuantAct, QuantConfig, QuantConv2d, QuantLayerNorm, QuantLinear
+from ..quant import QuantAct, QuantConfig, QuantConv2d, QuantLayerNorm, QuantLinear, eager_kernels
 
-__all__ = ["QuantPatchEmbed", "QuantMlp", "check_input_size", "init_weights"]
+__all__ = ["GELU", "QuantPatchEmbed", "QuantMlp", "check_input_size", "init_weights"]
 
 
 class QuantPatchEmbed(nn.Module):
@@ -54,6 +54,14 @@ class QuantPatchEmbed(nn.Module):
         return x
 
 
+class GELU(nn.GELU):
+    """``nn.GELU`` (erf form) that runs ATen's kernel also under torch.compile, so that a compiled
+    model keeps eager's bits (:mod:`fqvit_pl.quant.eager_kernels`)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return eager_kernels.gelu(x)
+
+
 class QuantMlp(nn.Module):
     """``Q(fc2(Q(GELU(fc1(x)))))`` (§6): the fc1 output is not quantized before the GELU.
 
@@ -63,7 +71,7 @@ class QuantMlp(nn.Module):
     def __init__(self, dim: int, hidden_dim: int, qconfig: QuantConfig) -> None:
         super().__init__()
         self.fc1 = QuantLinear(dim, hidden_dim, config=qconfig.point("weight"))
-        self.act = nn.GELU()
+        self.act = GELU()
         self.act_quant = QuantAct(hidden_dim, qconfig.point("activation"))
         self.fc2 = QuantLinear(hidden_dim, dim, config=qconfig.point("weight"))
         self.fc2_quant = QuantAct(dim, qconfig.point("activation"))

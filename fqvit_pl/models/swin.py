@@ -23,7 +23,7 @@ from timm.models.swin_transformer import (
 )
 from torch import Tensor, nn
 
-from ..quant import QuantAct, QuantConfig, QuantLayerNorm, QuantLinear, QuantSoftmax, with_scratch_scope
+from ..quant import QuantAct, QuantConfig, QuantLayerNorm, QuantLinear, QuantSoftmax, eager_kernels, with_scratch_scope
 from .layers import QuantMlp, QuantPatchEmbed, check_input_size, init_weights
 
 __all__ = [
@@ -256,7 +256,7 @@ class QuantSwinHead(nn.Module):
         self.logits_quant = QuantAct(num_classes, qconfig.point("activation"))
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.logits_quant(self.fc(self.pool_quant(x.mean(dim=1))))
+        return self.logits_quant(self.fc(self.pool_quant(eager_kernels.mean(x, dim=1))))
 
 
 class QuantSwinTransformer(nn.Module):

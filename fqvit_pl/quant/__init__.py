@@ -4,6 +4,7 @@ Bit types, the per-role configuration, observers, quantizers, quantized layers a
 model-level calibration API. See ``shared/docs/fqvit-method.md`` for the numerical contract.
 """
 
+from . import eager_kernels
 from .bit_type import BIT_TYPES, BitType, get_bit_type
 from .calibrate import calibrate, calibration_checksum, default_reducer, disable_quantization, enable_quantization, is_calibrated, quant_modules, reset_calibration
 from .config import METHODS, ROLES, PointConfig, QuantConfig
@@ -21,5 +22,5 @@ __all__ = [
     "QuantModule", "QuantAct", "QuantLinear", "QuantConv2d", "QuantLayerNorm", "QuantSoftmax",
     "calibrate", "calibration_checksum", "enable_quantization", "disable_quantization", "is_calibrated", "quant_modules", "reset_calibration", "default_reducer",
     "StatReducer", "LocalReducer", "DistributedReducer", "get_reducer", "use_reducer",
-    "scratch_scope", "with_scratch_scope",
+    "scratch_scope", "with_scratch_scope", "eager_kernels",
 ]

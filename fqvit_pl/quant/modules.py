@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import eager_kernels
 from .config import PointConfig
 from .functional import build_kernel_tables, int_layernorm, log_int_softmax
 from .observers import build_observer
@@ -201,7 +202,10 @@ class QuantConv2d(nn.Conv2d):
         self.weight_quant = QuantAct(out_channels, config, weight=True)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self._conv_forward(x, self.weight_quant(self.weight), self.bias)
+        weight = self.weight_quant(self.weight)
+        if self.padding_mode != "zeros" or isinstance(self.padding, str):
+            return self._conv_forward(x, weight, self.bias)
+        return eager_kernels.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
 class QuantLayerNorm(nn.LayerNorm, QuantModule):
@@ -227,7 +231,7 @@ class QuantLayerNorm(nn.LayerNorm, QuantModule):
             if in_point is None or out_point is None:
                 raise RuntimeError(f"{self.qname}: the integer LayerNorm needs its input and output points")
             return int_layernorm(x, in_point.scale, out_point.scale, self.weight, self.bias)
-        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return eager_kernels.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
 
 
 class QuantSoftmax(QuantModule):
@@ -262,5 +266,5 @@ class QuantSoftmax(QuantModule):
                 if in_point is None:
                     raise RuntimeError(f"{self.qname}: Log-Int-Softmax needs the point that quantized its input")
                 return log_int_softmax(x, in_point.scale, self.bit_type)
-            return x.softmax(dim=-1)
-        return self.point(x.softmax(dim=-1))
+            return eager_kernels.softmax(x, dim=-1)
+        return self.point(eager_kernels.softmax(x, dim=-1))
