@@ -321,7 +321,7 @@ def int_exp(x: Tensor, scale: Tensor, n: int = 30) -> Tensor:
 def _int_exp_(x: Tensor, x0: Tensor, scale: Tensor, n: int, b: float, c: float, out: Tensor) -> Tensor:
     """The fast path of :func:`int_exp` on ``x = maximum(x, n * x0)``, which it overwrites (float32,
     no autograd); the result is written to ``out`` (contiguous, ``x``'s shape)."""
-    q = torch.div(x, x0, out=scratch_like("int_exp.q", x)).floor_()  # q = floor(x / x0), an integer in 0..n
+    q = torch.div(x, x0, out=scratch_like(1, x)).floor_()  # q = floor(x / x0), an integer in 0..n; slot 0 is LIS's
     z = torch.mul(q, x0, out=out)
     r = x.sub_(z)  # r = x - x0 * q
     z = torch.add(r, torch.floor(b / scale), out=z)
@@ -391,7 +391,7 @@ def _log_int_softmax_fast(x: Tensor, scale: Tensor, bits: int) -> Tensor:
     # scale is >= eps.
     # ``out`` carries e, then y, then the result; the shifted scores (then the codes) are scratch.
     out = torch.empty(x.shape, device=x.device)
-    shifted = torch.div(x, scale, out=scratch_like("lis.shifted", x)).sub_(x.amax(dim=-1, keepdim=True) / scale)
+    shifted = torch.div(x, scale, out=scratch_like(0, x)).sub_(x.amax(dim=-1, keepdim=True) / scale)
     n, x0 = 30, torch.floor(-0.6931 / scale)
     shifted = torch.maximum(shifted, n * x0, out=shifted)
     e = _int_exp_(shifted, x0, scale, n, 0.96963238 / 0.35815147, 1.0 / 0.35815147, out)
@@ -587,20 +587,20 @@ def int_layernorm(
 
 def _int_layernorm_fast(x: Tensor, in_scale: Tensor, out_scale: Tensor, weight: Tensor, bias: Tensor, bits: int) -> Tensor:
     """The no-autograd float32 path of :func:`int_layernorm`; ``in_scale`` is already ``[C]`` or ``[1]``."""
-    # The same operations in the same order, in place on fresh [..., C] tensors; 2**n computed once.
-    # The [..., C] temporaries are scratch; ``sign`` becomes the result.
-    x_q = torch.div(x, in_scale, out=scratch_like("layernorm.x_q", x)).round_()
+    # The same operations in the same order, in place on its own [..., C] tensors (scratch, but
+    # ``sign``, which becomes the result); 2**n computed once.
+    x_q = torch.div(x, in_scale, out=scratch_like(0, x)).round_()
     s_min = in_scale.min()
     x_q.mul_(torch.round(in_scale / s_min))
-    work = torch.mul(x_q, x_q, out=scratch_like("layernorm.work", x))  # x_q.pow(2): integers below 2**12, exact either way
+    work = torch.mul(x_q, x_q, out=scratch_like(1, x))  # x_q.pow(2): integers below 2**12, exact either way
     mean, std = _layernorm_row_stats(x_q, work, s_min)
     a = torch.mul(s_min / std, weight, out=work).div_(out_scale)
     sign = torch.sign(a)
     a.abs_()
     # 2**n, n = clamp(bits - floor(log2|a|), 0, 31)
-    p = torch.log2(a, out=scratch_like("layernorm.power", x)).floor_().neg_().add_(bits).clamp_(0, 31).exp2_()
+    p = torch.log2(a, out=scratch_like(2, x)).floor_().neg_().add_(bits).clamp_(0, 31).exp2_()
     m = a.mul_(p).floor_().clamp_(0, 2 ** (bits + 1) - 1)
-    b = torch.mul(mean / std, weight, out=scratch_like("layernorm.offset", x))
+    b = torch.mul(mean / std, weight, out=scratch_like(3, x))
     b = torch.sub(bias, b, out=b).div_(out_scale).mul_(p).round_()
     y_q = sign.mul_(m).mul_(x_q).add_(b).div_(p).round_()
     return y_q.mul_(out_scale)

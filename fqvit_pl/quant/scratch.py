@@ -3,9 +3,12 @@
 The eager Log-Int-Softmax and integer LayerNorm need a few temporaries the size of their input.
 Allocated and freed per call, they make glibc's ``malloc`` shrink and regrow its heap over and over:
 on CPU every regrowth costs a page fault per 4 KiB, which took about 40% of a quantized deit_tiny
-forward (70 000 faults a forward, against 2 500 for the float model). Inside :func:`scratch_scope`
-those temporaries are allocated once and reused by every layer; they are released when the
-outermost scope closes, so nothing outlives the forward.
+forward on one thread (70 000 faults a forward, against 2 500 for the float model). Inside
+:func:`scratch_scope` those temporaries live in a few numbered slots of raw memory, allocated once
+and shared by every layer and kernel; they are released when the outermost scope closes, so
+nothing outlives the forward. The price is memory held through the forward: the largest
+temporaries of the LayerNorm and Log-Int-Softmax side by side (about 50 MB for swin_tiny at batch
+8).
 
 The quantized models open a scope in ``forward`` (:func:`with_scratch_scope`); a model of your own
 built from :mod:`fqvit_pl.quant` layers can do the same. Only CPU tensors are pooled (CUDA's
@@ -57,22 +60,22 @@ def with_scratch_scope(forward: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def scratch_like(name: str, like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+def scratch_like(slot: int, like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     """An uninitialized contiguous tensor of ``like``'s shape and device (``dtype`` defaults to its).
 
-    Inside a scope on CPU it is a view of the pooled buffer ``name`` (grown as needed, the same
-    memory on every call: a caller must be done with it before asking for ``name`` again);
-    otherwise a fresh tensor.
+    Inside a scope on CPU it is a view of the pooled buffer ``slot`` (its bytes, grown as needed: the
+    same memory on every call). Kernels share the slots, as none runs while another is between two
+    uses of a slot: a kernel numbers its temporaries from 0, and a kernel it calls takes slots above
+    its caller's. Outside a scope, or off CPU, a fresh tensor.
     """
     dtype = like.dtype if dtype is None else dtype
     if like.device.type != "cpu" or not getattr(_STATE, "depth", 0):
         return torch.empty(like.shape, dtype=dtype, device=like.device)
     pool: dict = _STATE.__dict__.setdefault("pool", {})
-    # Inference tensors cannot be written outside inference mode, nor normal ones viewed inside it
-    # without cost: one buffer per mode.
-    key = (name, dtype, torch.is_inference_mode_enabled())
+    # Inference tensors cannot be written outside inference mode: one buffer per mode.
+    key = (slot, torch.is_inference_mode_enabled())
+    nbytes = like.numel() * dtype.itemsize
     buffer = pool.get(key)
-    numel = like.numel()
-    if buffer is None or buffer.numel() < numel:
-        buffer = pool[key] = torch.empty(numel, dtype=dtype)
-    return buffer[:numel].view(like.shape)
+    if buffer is None or buffer.numel() < nbytes:
+        buffer = pool[key] = torch.empty(nbytes, dtype=torch.uint8)
+    return buffer[:nbytes].view(dtype).view(like.shape)
