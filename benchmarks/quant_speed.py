@@ -10,7 +10,7 @@ float) are the headline.
 Weights are random (timm's initialization) and images random normal: speed does not depend on the
 values. A calibrated model of this script is therefore no accurate model.
 
-    python benchmarks/quant_speed.py                        # deit_tiny + swin_tiny, CPU (~10 min, 2 cores)
+    python benchmarks/quant_speed.py                        # deit_tiny + swin_tiny, CPU (6-8 min, 2 cores)
     python benchmarks/quant_speed.py --quick                # smoke run, no compile (~2 min)
     python benchmarks/quant_speed.py --device cuda --models deit_base swin_base --batch-size 64
 
@@ -63,6 +63,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="calibration batches, the same for every method (the published protocol uses 10)")
     parser.add_argument("--calib-reps", type=int, default=2, help="repetitions of every calibration time (median reported)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="also time torch.compile'd models")
+    parser.add_argument("--freezing", action="store_true",
+                        help="also time torch.compile with inductor's freezing (weights and calibration folded into "
+                             "the graph as constants, for inference; every method compiled on its own)")
     parser.add_argument("--compile-fqvit-float", action="store_true",
                         help="also compile our float model (by default only timm's float model is compiled as the reference)")
     parser.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True, help="measure peak memory per phase")
@@ -192,13 +195,15 @@ def time_throughput(runners: dict[str, Callable[[], Any]], args: argparse.Namesp
 
 
 def compile_runners(models: dict, x: torch.Tensor, args: argparse.Namespace, device: torch.device,
-                    eager_out: dict) -> tuple[dict, dict, dict]:
+                    eager_out: dict, share_graph: bool = True) -> tuple[dict, dict, dict]:
     """``torch.compile`` each float model and one quantized model; the other methods reuse its graph.
 
     The quantized models of every method have the same graph (only buffer values differ), so one
     compiled module is evaluated with each method's calibration loaded into it (``load_state_dict``
-    copies the buffers in place, untimed: no recompilation). Returns the runners, their untimed
-    preparations and per-name notes (compile seconds, comparison with the eager output).
+    copies the buffers in place, untimed: no recompilation). With ``share_graph=False`` (inductor's
+    freezing folds the buffers into the graph) every method is compiled on its own. Returns the
+    runners, their untimed preparations and per-name notes (compile seconds, comparison with the
+    eager output).
     """
     runners: dict[str, Callable[[], Any]] = {}
     prepare: dict[str, Callable[[], Any]] = {}
@@ -211,7 +216,7 @@ def compile_runners(models: dict, x: torch.Tensor, args: argparse.Namespace, dev
         floats = floats[:1]
     for name in floats + quant_names:
         try:
-            if name in quant_names and compiled_quant is not None:
+            if name in quant_names and compiled_quant is not None and share_graph:
                 compile_s = 0.0
                 prepare[name] = lambda host=host, state=states[name]: host.load_state_dict(state)
                 runner = lambda compiled=compiled_quant: compiled(x)  # noqa: E731
@@ -381,12 +386,25 @@ def benchmark_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     print(f"[{name}] eager throughput", file=sys.stderr)
     result["eager_img_s"] = time_throughput(runners, args, device, "eager")
 
+    own_states = {n: {k: v.clone() for k, v in m.state_dict().items()} for n, m in quant.items()}
     if args.compile:
         print(f"[{name}] torch.compile", file=sys.stderr)
         compiled, prepare, notes = compile_runners(models, x, args, device, eager_out)
         result["compile_notes"] = notes
         if compiled:
             result["compiled_img_s"] = time_throughput(compiled, args, device, "compiled", prepare)
+        for n, state in own_states.items():  # the shared graph's host holds the last method's calibration
+            quant[n].load_state_dict(state)
+    if args.freezing:
+        print(f"[{name}] torch.compile with freezing", file=sys.stderr)
+        import torch._inductor.config as inductor_config
+
+        torch._dynamo.reset()
+        with inductor_config.patch(freezing=True):
+            compiled, prepare, notes = compile_runners(models, x, args, device, eager_out, share_graph=False)
+        result["frozen_notes"] = notes
+        if compiled:
+            result["frozen_img_s"] = time_throughput(compiled, args, device, "compiled, freezing", prepare)
 
     if args.memory:
         print(f"[{name}] memory", file=sys.stderr)
@@ -411,7 +429,7 @@ def throughput_table(results: list[dict], args: argparse.Namespace) -> str:
         "|---|---|---:|---:|" + "---:|" * len(args.methods) + "---:|---:|",
     ]
     for res in results:
-        for mode, key in (("eager", "eager_img_s"), ("torch.compile", "compiled_img_s")):
+        for mode, key in (("eager", "eager_img_s"), ("torch.compile", "compiled_img_s"), ("torch.compile, freezing", "frozen_img_s")):
             rates = res.get(key)
             if not rates:
                 continue
@@ -448,8 +466,10 @@ def memory_table(results: list[dict]) -> str:
 
 def compile_notes(results: list[dict]) -> str:
     lines = []
-    for res in results:
-        for name, note in res.get("compile_notes", {}).items():
+    for res, key, label in [(res, key, label) for res in results
+                            for key, label in (("compile_notes", ""), ("frozen_notes", " (freezing)"))]:
+        for name, note in res.get(key, {}).items():
+            name = name + label
             if "error" in note:
                 lines.append(f"- {res['model']}, {name}: torch.compile failed ({note['error']})")
             else:
