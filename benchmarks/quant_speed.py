@@ -195,35 +195,34 @@ def time_throughput(runners: dict[str, Callable[[], Any]], args: argparse.Namesp
 
 
 def compile_runners(models: dict, x: torch.Tensor, args: argparse.Namespace, device: torch.device,
-                    eager_out: dict, share_graph: bool = True) -> tuple[dict, dict, dict]:
-    """``torch.compile`` each float model and one quantized model; the other methods reuse its graph.
+                    eager_out: dict, states: dict[str, dict] | None) -> tuple[dict, dict, dict]:
+    """``torch.compile`` each float model and the quantized models.
 
-    The quantized models of every method have the same graph (only buffer values differ), so one
-    compiled module is evaluated with each method's calibration loaded into it (``load_state_dict``
-    copies the buffers in place, untimed: no recompilation). With ``share_graph=False`` (inductor's
-    freezing folds the buffers into the graph) every method is compiled on its own. Returns the
-    runners, their untimed preparations and per-name notes (compile seconds, comparison with the
-    eager output).
+    With ``states`` (each method's calibration), the quantized models share one compiled graph, as
+    they differ only in buffer values: the first method's compiled module is evaluated with each
+    method's calibration loaded into it (``load_state_dict`` copies the buffers in place, untimed: no
+    recompilation), which leaves it holding the last one's. Without (inductor's freezing folds the
+    buffers into the graph), every method is compiled on its own. Returns the runners, their untimed
+    preparations and per-name notes (compile seconds, comparison with the eager output).
     """
     runners: dict[str, Callable[[], Any]] = {}
     prepare: dict[str, Callable[[], Any]] = {}
     notes: dict[str, dict[str, Any]] = {}
     quant_names = [n for n in args.methods if n in models]
-    states = {n: {k: v.clone() for k, v in models[n].state_dict().items()} for n in quant_names}
     host = compiled_quant = None
     floats = [n for n in (FLOAT_TIMM, FLOAT_OURS) if n in models]
     if not args.compile_fqvit_float and len(floats) > 1:
         floats = floats[:1]
     for name in floats + quant_names:
         try:
-            if name in quant_names and compiled_quant is not None and share_graph:
+            if name in quant_names and compiled_quant is not None and states is not None:
                 compile_s = 0.0
                 prepare[name] = lambda host=host, state=states[name]: host.load_state_dict(state)
                 runner = lambda compiled=compiled_quant: compiled(x)  # noqa: E731
             else:
                 compiled = torch.compile(models[name])
                 runner = lambda compiled=compiled: compiled(x)  # noqa: E731
-                if name in quant_names:
+                if name in quant_names and states is not None:
                     host, compiled_quant = models[name], compiled
                     prepare[name] = lambda host=host, state=states[name]: host.load_state_dict(state)
                 with torch.inference_mode():
@@ -386,14 +385,14 @@ def benchmark_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     print(f"[{name}] eager throughput", file=sys.stderr)
     result["eager_img_s"] = time_throughput(runners, args, device, "eager")
 
-    own_states = {n: {k: v.clone() for k, v in m.state_dict().items()} for n, m in quant.items()}
     if args.compile:
         print(f"[{name}] torch.compile", file=sys.stderr)
-        compiled, prepare, notes = compile_runners(models, x, args, device, eager_out)
+        own_states = {n: {k: v.clone() for k, v in m.state_dict().items()} for n, m in quant.items()}
+        compiled, prepare, notes = compile_runners(models, x, args, device, eager_out, own_states)
         result["compile_notes"] = notes
         if compiled:
             result["compiled_img_s"] = time_throughput(compiled, args, device, "compiled", prepare)
-        for n, state in own_states.items():  # the shared graph's host holds the last method's calibration
+        for n, state in own_states.items():  # the shared graph's module holds the last method's calibration
             quant[n].load_state_dict(state)
     if args.freezing:
         print(f"[{name}] torch.compile with freezing", file=sys.stderr)
@@ -401,7 +400,7 @@ def benchmark_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
 
         torch._dynamo.reset()
         with inductor_config.patch(freezing=True):
-            compiled, prepare, notes = compile_runners(models, x, args, device, eager_out, share_graph=False)
+            compiled, prepare, notes = compile_runners(models, x, args, device, eager_out, states=None)
         result["frozen_notes"] = notes
         if compiled:
             result["frozen_img_s"] = time_throughput(compiled, args, device, "compiled, freezing", prepare)
@@ -466,18 +465,17 @@ def memory_table(results: list[dict]) -> str:
 
 def compile_notes(results: list[dict]) -> str:
     lines = []
-    for res, key, label in [(res, key, label) for res in results
-                            for key, label in (("compile_notes", ""), ("frozen_notes", " (freezing)"))]:
-        for name, note in res.get(key, {}).items():
-            name = name + label
-            if "error" in note:
-                lines.append(f"- {res['model']}, {name}: torch.compile failed ({note['error']})")
-            else:
+    for res in results:
+        for key, label in (("compile_notes", ""), ("frozen_notes", " (freezing)")):
+            for name, note in res.get(key, {}).items():
+                if "error" in note:
+                    lines.append(f"- {res['model']}, {name}{label}: torch.compile failed ({note['error']})")
+                    continue
                 same = "bit-identical to eager" if note["equal"] else (
                     f"differs from eager in {note['frac_diff']:.1%} of logits (max |Δ| {note['max_abs_diff']:.3g}, "
                     f"top-1 agreement {note['top1_agree']:.0%})")
                 compile_s = f"compiled in {note['compile_s']:.0f}s" if note["compile_s"] else "reuses the compiled graph above"
-                lines.append(f"- {res['model']}, {name}: {compile_s}; output {same}")
+                lines.append(f"- {res['model']}, {name}{label}: {compile_s}; output {same}")
     return "\n".join(lines)
 
 

@@ -21,75 +21,59 @@ from torch import Tensor
 __all__ = ["gelu", "softmax", "layer_norm", "mean", "conv2d"]
 
 
+# The ATen calls themselves: run directly in eager mode, and inside the custom ops while compiling.
+
+def _gelu(x: Tensor) -> Tensor:
+    return F.gelu(x)
+
+
+def _softmax(x: Tensor, dim: int) -> Tensor:
+    return x.softmax(dim=dim)
+
+
+def _layer_norm(x: Tensor, normalized_shape: list[int], weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
+    return F.layer_norm(x, normalized_shape, weight, bias, eps)
+
+
+def _mean(x: Tensor, dim: int) -> Tensor:
+    return x.mean(dim=dim)
+
+
+def _conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, stride: list[int], padding: list[int],
+            dilation: list[int], groups: int) -> Tensor:
+    return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+
+# The custom ops, opaque to inductor, which hands them their inputs in eager's strides
+# (``needs_fixed_stride_order``: a convolution's algorithm depends on its input's layout). Their
+# fake versions run the same calls on fake tensors: eager's output shapes and strides.
+for _name, _fn in (("gelu", _gelu), ("softmax", _softmax), ("layer_norm", _layer_norm), ("mean", _mean), ("conv2d", _conv2d)):
+    torch.library.custom_op(f"fqvit::{_name}", _fn, mutates_args=(), tags=(torch.Tag.needs_fixed_stride_order,)).register_fake(_fn)
+
+
 def gelu(x: Tensor) -> Tensor:
     """Exact (erf) GELU, elementwise."""
-    if torch.compiler.is_compiling():
-        return torch.ops.fqvit.gelu(x)
-    return F.gelu(x)
+    return torch.ops.fqvit.gelu(x) if torch.compiler.is_compiling() else _gelu(x)
 
 
 def softmax(x: Tensor, dim: int) -> Tensor:
     """Float softmax along ``dim``."""
-    if torch.compiler.is_compiling():
-        return torch.ops.fqvit.softmax(x, dim)
-    return x.softmax(dim=dim)
+    return torch.ops.fqvit.softmax(x, dim) if torch.compiler.is_compiling() else _softmax(x, dim)
 
 
 def layer_norm(x: Tensor, normalized_shape: Sequence[int], weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
     """Float LayerNorm over the trailing ``normalized_shape`` dims, as ``F.layer_norm``."""
-    if torch.compiler.is_compiling():
-        return torch.ops.fqvit.layer_norm(x, list(normalized_shape), weight, bias, eps)
-    return F.layer_norm(x, normalized_shape, weight, bias, eps)
+    shape = list(normalized_shape)
+    return torch.ops.fqvit.layer_norm(x, shape, weight, bias, eps) if torch.compiler.is_compiling() else _layer_norm(x, shape, weight, bias, eps)
 
 
 def mean(x: Tensor, dim: int) -> Tensor:
     """Mean over ``dim`` (removed)."""
-    if torch.compiler.is_compiling():
-        return torch.ops.fqvit.mean(x, dim)
-    return x.mean(dim=dim)
+    return torch.ops.fqvit.mean(x, dim) if torch.compiler.is_compiling() else _mean(x, dim)
 
 
 def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, stride: Sequence[int], padding: Sequence[int],
            dilation: Sequence[int], groups: int) -> Tensor:
     """``F.conv2d`` with integer paddings: ``[B, C_in, H, W]`` → ``[B, C_out, H', W']``."""
-    if torch.compiler.is_compiling():
-        return torch.ops.fqvit.conv2d(x, weight, bias, list(stride), list(padding), list(dilation), groups)
-    return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
-
-
-# The custom ops: the same ATen calls, opaque to inductor, which hands them their inputs in eager's
-# strides (``needs_fixed_stride_order``; a convolution's algorithm depends on its input's layout).
-# Their fake versions run the same calls on fake tensors: eager's output shapes and strides.
-
-
-def _define(name: str, fn) -> None:
-    op = torch.library.custom_op(f"fqvit::{name}", fn, mutates_args=(), tags=(torch.Tag.needs_fixed_stride_order,))
-    op.register_fake(fn)
-
-
-def _gelu_impl(x: Tensor) -> Tensor:
-    return F.gelu(x)
-
-
-def _softmax_impl(x: Tensor, dim: int) -> Tensor:
-    return x.softmax(dim=dim)
-
-
-def _layer_norm_impl(x: Tensor, normalized_shape: list[int], weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
-    return F.layer_norm(x, normalized_shape, weight, bias, eps)
-
-
-def _mean_impl(x: Tensor, dim: int) -> Tensor:
-    return x.mean(dim=dim)
-
-
-def _conv2d_impl(x: Tensor, weight: Tensor, bias: Tensor | None, stride: list[int], padding: list[int],
-                 dilation: list[int], groups: int) -> Tensor:
-    return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
-
-
-_define("gelu", _gelu_impl)
-_define("softmax", _softmax_impl)
-_define("layer_norm", _layer_norm_impl)
-_define("mean", _mean_impl)
-_define("conv2d", _conv2d_impl)
+    args = (x, weight, bias, list(stride), list(padding), list(dilation), groups)
+    return torch.ops.fqvit.conv2d(*args) if torch.compiler.is_compiling() else _conv2d(*args)

@@ -203,7 +203,7 @@ class QuantConv2d(nn.Conv2d):
 
     def forward(self, x: Tensor) -> Tensor:
         weight = self.weight_quant(self.weight)
-        if self.padding_mode != "zeros" or isinstance(self.padding, str):
+        if self.padding_mode != "zeros" or isinstance(self.padding, str):  # not in our models: inductor's own conv
             return self._conv_forward(x, weight, self.bias)
         return eager_kernels.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
