@@ -52,29 +52,84 @@ PTF_OFF = "minmax, ptf off"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=None, help="short model names (default: deit_tiny swin_tiny)")
-    parser.add_argument("--methods", nargs="+", default=["minmax", "ema", "percentile", "omse"], help="calibration methods (ptf + lis on)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument(
+        "--models", nargs="+", default=None, help="short model names (default: deit_tiny swin_tiny)"
+    )
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=["minmax", "ema", "percentile", "omse"],
+        help="calibration methods (ptf + lis on)",
+    )
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--img-size", type=int, default=None, help="input resolution (default: the model's, 224)")
-    parser.add_argument("--reps", type=int, default=5, help="repetitions of every throughput figure (median reported)")
-    parser.add_argument("--iters", type=int, default=1, help="forward passes timed together in one repetition")
-    parser.add_argument("--calib-batches", type=int, default=10,
-                        help="calibration batches, the same for every method (the published protocol uses 10)")
-    parser.add_argument("--calib-reps", type=int, default=2, help="repetitions of every calibration time (median reported)")
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="also time torch.compile'd models")
-    parser.add_argument("--freezing", action="store_true",
-                        help="also time torch.compile with inductor's freezing (weights and calibration folded into "
-                             "the graph as constants, for inference; every method compiled on its own)")
-    parser.add_argument("--compile-fqvit-float", action="store_true",
-                        help="also compile our float model (by default only timm's float model is compiled as the reference)")
-    parser.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True, help="measure peak memory per phase")
-    parser.add_argument("--ptf-reference", action=argparse.BooleanOptionalAction, default=True,
-                        help="also time calibration with minmax and ptf off (what the PTF search costs)")
-    parser.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda if available")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's default)")
+    parser.add_argument(
+        "--img-size", type=int, default=None, help="input resolution (default: the model's, 224)"
+    )
+    parser.add_argument(
+        "--reps",
+        type=int,
+        default=5,
+        help="repetitions of every throughput figure (median reported)",
+    )
+    parser.add_argument(
+        "--iters", type=int, default=1, help="forward passes timed together in one repetition"
+    )
+    parser.add_argument(
+        "--calib-batches",
+        type=int,
+        default=10,
+        help="calibration batches, the same for every method (the published protocol uses 10)",
+    )
+    parser.add_argument(
+        "--calib-reps",
+        type=int,
+        default=2,
+        help="repetitions of every calibration time (median reported)",
+    )
+    parser.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time torch.compile'd models",
+    )
+    parser.add_argument(
+        "--freezing",
+        action="store_true",
+        help="also time torch.compile with inductor's freezing (weights and calibration folded into "
+        "the graph as constants, for inference; every method compiled on its own)",
+    )
+    parser.add_argument(
+        "--compile-fqvit-float",
+        action="store_true",
+        help="also compile our float model (by default only timm's float model is compiled as the reference)",
+    )
+    parser.add_argument(
+        "--memory",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="measure peak memory per phase",
+    )
+    parser.add_argument(
+        "--ptf-reference",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time calibration with minmax and ptf off (what the PTF search costs)",
+    )
+    parser.add_argument(
+        "--device", default=None, choices=["cpu", "cuda"], help="default: cuda if available"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's default)"
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true", help="smoke run: batch 4, 2 reps, 2 calibration batches, 1 calibration rep, no compile")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: batch 4, 2 reps, 2 calibration batches, 1 calibration rep, no compile",
+    )
     parser.add_argument("--json", default=None, help="also write the raw results to this file")
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -83,7 +138,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.models is None:
         args.models = ["deit_tiny", "swin_tiny"]
     if args.quick:
-        args.batch_size, args.reps, args.calib_batches, args.calib_reps, args.compile = 4, 2, 2, 1, False
+        args.batch_size, args.reps, args.calib_batches, args.calib_reps, args.compile = (
+            4,
+            2,
+            2,
+            1,
+            False,
+        )
     return args
 
 
@@ -106,9 +167,17 @@ def build_models(name: str, args: argparse.Namespace, device: torch.device) -> d
         models[FLOAT_TIMM] = timm_model
     models[FLOAT_OURS] = ours
     for method in args.methods:
-        models[method] = with_weights(create_model(name, method=method, ptf=True, lis=True, model_kwargs=model_kwargs(args)), weights)
+        models[method] = with_weights(
+            create_model(name, method=method, ptf=True, lis=True, model_kwargs=model_kwargs(args)),
+            weights,
+        )
     if args.ptf_reference:
-        models[PTF_OFF] = with_weights(create_model(name, method="minmax", ptf=False, lis=True, model_kwargs=model_kwargs(args)), weights)
+        models[PTF_OFF] = with_weights(
+            create_model(
+                name, method="minmax", ptf=False, lis=True, model_kwargs=model_kwargs(args)
+            ),
+            weights,
+        )
     for m in models.values():
         m.to(device).eval()
     return models
@@ -128,16 +197,25 @@ def make_timm_model(ours: torch.nn.Module, args: argparse.Namespace) -> torch.nn
         import timm
 
         kwargs = model_kwargs(args)
-        reference = timm.create_model(ours.pretrained_cfg["architecture"], pretrained=False, num_classes=ours.num_classes, **kwargs)
+        reference = timm.create_model(
+            ours.pretrained_cfg["architecture"],
+            pretrained=False,
+            num_classes=ours.num_classes,
+            **kwargs,
+        )
         wanted = reference.state_dict()
-        reference.load_state_dict({k: v for k, v in ours.state_dict().items() if k in wanted}, strict=True)
+        reference.load_state_dict(
+            {k: v for k, v in ours.state_dict().items() if k in wanted}, strict=True
+        )
         return reference.eval()
     except Exception as err:  # an architecture timm builds differently: report ours only
         print(f"note: timm float model unavailable for {ours.model_name}: {err}", file=sys.stderr)
         return None
 
 
-def make_data(name: str, args: argparse.Namespace, device: torch.device) -> tuple[list[torch.Tensor], torch.Tensor]:
+def make_data(
+    name: str, args: argparse.Namespace, device: torch.device
+) -> tuple[list[torch.Tensor], torch.Tensor]:
     size = args.img_size or 224
     gen = torch.Generator().manual_seed(args.seed + 1)
     shape = (args.batch_size, 3, size, size)
@@ -162,19 +240,30 @@ def timed(fn: Callable[[], Any], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def time_calibration(models: dict, batches: list[torch.Tensor], args: argparse.Namespace, device: torch.device) -> dict[str, list[float]]:
+def time_calibration(
+    models: dict, batches: list[torch.Tensor], args: argparse.Namespace, device: torch.device
+) -> dict[str, list[float]]:
     """Seconds to calibrate each quantized model on the same batches; methods alternate within each repetition."""
     names = [n for n in models if n not in (FLOAT_TIMM, FLOAT_OURS)]
     seconds: dict[str, list[float]] = {n: [] for n in names}
     for rep in range(args.calib_reps):
         for name in names:
             seconds[name].append(timed(lambda: calibrate(models[name], batches), device))
-        print(f"  calibration rep {rep + 1}/{args.calib_reps}: " + ", ".join(f"{n} {seconds[n][-1]:.2f}s" for n in names), file=sys.stderr)
+        print(
+            f"  calibration rep {rep + 1}/{args.calib_reps}: "
+            + ", ".join(f"{n} {seconds[n][-1]:.2f}s" for n in names),
+            file=sys.stderr,
+        )
     return seconds
 
 
-def time_throughput(runners: dict[str, Callable[[], Any]], args: argparse.Namespace, device: torch.device, label: str,
-                    prepare: dict[str, Callable[[], Any]] | None = None) -> dict[str, list[float]]:
+def time_throughput(
+    runners: dict[str, Callable[[], Any]],
+    args: argparse.Namespace,
+    device: torch.device,
+    label: str,
+    prepare: dict[str, Callable[[], Any]] | None = None,
+) -> dict[str, list[float]]:
     """Images/s of each runner; the runners alternate within each repetition.
 
     ``prepare[name]``, when given, runs untimed before each of that runner's timings.
@@ -190,12 +279,22 @@ def time_throughput(runners: dict[str, Callable[[], Any]], args: argparse.Namesp
                 prepare.get(name, lambda: None)()
                 t = timed(lambda: [run() for _ in range(args.iters)], device)
                 rates[name].append(args.batch_size * args.iters / t)
-            print(f"  {label} rep {rep + 1}/{args.reps}: " + ", ".join(f"{n} {rates[n][-1]:.1f}/s" for n in runners), file=sys.stderr)
+            print(
+                f"  {label} rep {rep + 1}/{args.reps}: "
+                + ", ".join(f"{n} {rates[n][-1]:.1f}/s" for n in runners),
+                file=sys.stderr,
+            )
     return rates
 
 
-def compile_runners(models: dict, x: torch.Tensor, args: argparse.Namespace, device: torch.device,
-                    eager_out: dict, states: dict[str, dict] | None) -> tuple[dict, dict, dict]:
+def compile_runners(
+    models: dict,
+    x: torch.Tensor,
+    args: argparse.Namespace,
+    device: torch.device,
+    eager_out: dict,
+    states: dict[str, dict] | None,
+) -> tuple[dict, dict, dict]:
     """``torch.compile`` each float model and the quantized models.
 
     With ``states`` (each method's calibration), the quantized models share one compiled graph, as
@@ -224,7 +323,9 @@ def compile_runners(models: dict, x: torch.Tensor, args: argparse.Namespace, dev
                 runner = lambda compiled=compiled: compiled(x)  # noqa: E731
                 if name in quant_names and states is not None:
                     host, compiled_quant = models[name], compiled
-                    prepare[name] = lambda host=host, state=states[name]: host.load_state_dict(state)
+                    prepare[name] = lambda host=host, state=states[name]: host.load_state_dict(
+                        state
+                    )
                 with torch.inference_mode():
                     prepare.get(name, lambda: None)()
                     compile_s = timed(runner, device)
@@ -290,7 +391,9 @@ def cuda_phase_peak(fn: Callable[[], Any], device: torch.device) -> float:
     return (torch.cuda.max_memory_allocated(device) - before) / 2**20
 
 
-def memory_phases(name: str, args: argparse.Namespace, device: torch.device, states: dict[str, dict]) -> dict[str, float]:
+def memory_phases(
+    name: str, args: argparse.Namespace, device: torch.device, states: dict[str, dict]
+) -> dict[str, float]:
     """Peak memory of: one forward (after a warm-up one) of each float and calibrated model, the size
     of the quantized weights each calibrated model caches, and the calibration of each method."""
     models = build_models(name, args, device)
@@ -303,19 +406,30 @@ def memory_phases(name: str, args: argparse.Namespace, device: torch.device, sta
         for n in models:
             models[n](x)  # warm-up: one-time allocations, and the quantized models' weight caches
             results[f"forward, {n}"] = peak(lambda: models[n](x))
-            cached = sum(m._weight_cache[2].numel() * m._weight_cache[2].element_size()
-                         for m in models[n].modules() if getattr(m, "_weight_cache", None) is not None)
+            cached = sum(
+                m._weight_cache[2].numel() * m._weight_cache[2].element_size()
+                for m in models[n].modules()
+                if getattr(m, "_weight_cache", None) is not None
+            )
             if cached:
                 results[f"cached quantized weights held, {n} (tensor bytes)"] = cached / 2**20
     for n in [m for m in models if m not in (FLOAT_TIMM, FLOAT_OURS)]:
-        fresh = create_model(name, method="minmax" if n == PTF_OFF else n, ptf=n != PTF_OFF, lis=True, model_kwargs=model_kwargs(args))
+        fresh = create_model(
+            name,
+            method="minmax" if n == PTF_OFF else n,
+            ptf=n != PTF_OFF,
+            lis=True,
+            model_kwargs=model_kwargs(args),
+        )
         with_weights(fresh, dict(models[FLOAT_OURS].named_parameters())).to(device).eval()
-        results[f"calibration, {n}"] = peak(lambda: calibrate(fresh, batches))
+        results[f"calibration, {n}"] = peak(lambda: calibrate(fresh, batches))  # noqa: F821 (deleted after the call)
         del fresh
     return results
 
 
-def memory_in_child(name: str, args: argparse.Namespace, states: dict[str, dict]) -> dict[str, float]:
+def memory_in_child(
+    name: str, args: argparse.Namespace, states: dict[str, dict]
+) -> dict[str, float]:
     """Run :func:`memory_phases` in a fresh process (its resident set is not inflated by this one's)."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "states.pt")
@@ -324,14 +438,28 @@ def memory_in_child(name: str, args: argparse.Namespace, states: dict[str, dict]
         cmd = [sys.executable, os.path.abspath(__file__), "--memory-child", json.dumps(spec)]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
-            print(f"  memory measurement failed for {name}:\n{proc.stderr[-2000:]}", file=sys.stderr)
+            print(
+                f"  memory measurement failed for {name}:\n{proc.stderr[-2000:]}", file=sys.stderr
+            )
             return {}
         return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def _child_argv(args: argparse.Namespace) -> list[str]:
-    argv = ["--models", *args.models, "--methods", *args.methods, "--batch-size", str(args.batch_size),
-            "--calib-batches", str(args.calib_batches), "--device", args.device, "--seed", str(args.seed)]
+    argv = [
+        "--models",
+        *args.models,
+        "--methods",
+        *args.methods,
+        "--batch-size",
+        str(args.batch_size),
+        "--calib-batches",
+        str(args.calib_batches),
+        "--device",
+        args.device,
+        "--seed",
+        str(args.seed),
+    ]
     if args.img_size:
         argv += ["--img-size", str(args.img_size)]
     if args.threads:
@@ -387,12 +515,17 @@ def benchmark_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
 
     if args.compile:
         print(f"[{name}] torch.compile", file=sys.stderr)
-        own_states = {n: {k: v.clone() for k, v in m.state_dict().items()} for n, m in quant.items()}
+        own_states = {
+            n: {k: v.clone() for k, v in m.state_dict().items()} for n, m in quant.items()
+        }
         compiled, prepare, notes = compile_runners(models, x, args, device, eager_out, own_states)
         result["compile_notes"] = notes
         if compiled:
             result["compiled_img_s"] = time_throughput(compiled, args, device, "compiled", prepare)
-        for n, state in own_states.items():  # the shared graph's module holds the last method's calibration
+        for (
+            n,
+            state,
+        ) in own_states.items():  # the shared graph's module holds the last method's calibration
             quant[n].load_state_dict(state)
     if args.freezing:
         print(f"[{name}] torch.compile with freezing", file=sys.stderr)
@@ -400,10 +533,14 @@ def benchmark_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
 
         torch._dynamo.reset()
         with inductor_config.patch(freezing=True):
-            compiled, prepare, notes = compile_runners(models, x, args, device, eager_out, states=None)
+            compiled, prepare, notes = compile_runners(
+                models, x, args, device, eager_out, states=None
+            )
         result["frozen_notes"] = notes
         if compiled:
-            result["frozen_img_s"] = time_throughput(compiled, args, device, "compiled, freezing", prepare)
+            result["frozen_img_s"] = time_throughput(
+                compiled, args, device, "compiled, freezing", prepare
+            )
 
     if args.memory:
         print(f"[{name}] memory", file=sys.stderr)
@@ -428,34 +565,60 @@ def throughput_table(results: list[dict], args: argparse.Namespace) -> str:
         "|---|---|---:|---:|" + "---:|" * len(args.methods) + "---:|---:|",
     ]
     for res in results:
-        for mode, key in (("eager", "eager_img_s"), ("torch.compile", "compiled_img_s"), ("torch.compile, freezing", "frozen_img_s")):
+        for mode, key in (
+            ("eager", "eager_img_s"),
+            ("torch.compile", "compiled_img_s"),
+            ("torch.compile, freezing", "frozen_img_s"),
+        ):
             rates = res.get(key)
             if not rates:
                 continue
             med = {n: median(v) for n, v in rates.items()}
-            cells = [f"{med[n]:.1f}" if n in med else "—" for n in (FLOAT_TIMM, FLOAT_OURS, *args.methods)]
+            cells = [
+                f"{med[n]:.1f}" if n in med else "—"
+                for n in (FLOAT_TIMM, FLOAT_OURS, *args.methods)
+            ]
             ratios = []
             for ref in (FLOAT_TIMM, FLOAT_OURS):
-                qs = [paired_ratio(rates[m], rates[ref]) for m in args.methods if m in rates and ref in rates]
+                qs = [
+                    paired_ratio(rates[m], rates[ref])
+                    for m in args.methods
+                    if m in rates and ref in rates
+                ]
                 ratios.append(f"{min(qs):.2f}–{max(qs):.2f}" if qs else "—")
-            lines.append(f"| {res['model']} | {mode} | " + " | ".join(cells) + " | " + " | ".join(f"**{r}**" for r in ratios) + " |")
+            lines.append(
+                f"| {res['model']} | {mode} | "
+                + " | ".join(cells)
+                + " | "
+                + " | ".join(f"**{r}**" for r in ratios)
+                + " |"
+            )
     return "\n".join(lines)
 
 
 def calibration_table(results: list[dict], args: argparse.Namespace) -> str:
-    lines = ["| model | method | calibration (s) | range over reps (s) | ÷ minmax (ptf on) |", "|---|---|---:|---:|---:|"]
+    lines = [
+        "| model | method | calibration (s) | range over reps (s) | ÷ minmax (ptf on) |",
+        "|---|---|---:|---:|---:|",
+    ]
     for res in results:
         seconds = res["calibration_s"]
         base = median(seconds["minmax"]) if "minmax" in seconds else None
         for name, values in seconds.items():
             label = f"{name}, ptf on" if name in args.methods else name
             ratio = f"**{median(values) / base:.2f}**" if base else "—"
-            lines.append(f"| {res['model']} | {label} | {median(values):.2f} | {spread(values)} | {ratio} |")
+            lines.append(
+                f"| {res['model']} | {label} | {median(values):.2f} | {spread(values)} | {ratio} |"
+            )
     return "\n".join(lines)
 
 
 def memory_table(results: list[dict]) -> str:
-    rows = [(res["model"], phase, mib) for res in results for phase, mib in res.get("memory_mib", {}).items()]
+    rows = [
+        (res["model"], phase, mib)
+        for res in results
+        for phase, mib in res.get("memory_mib", {}).items()
+    ]
     if not rows:
         return ""
     lines = ["| model | phase | MiB |", "|---|---|---:|"]
@@ -469,12 +632,23 @@ def compile_notes(results: list[dict]) -> str:
         for key, label in (("compile_notes", ""), ("frozen_notes", " (freezing)")):
             for name, note in res.get(key, {}).items():
                 if "error" in note:
-                    lines.append(f"- {res['model']}, {name}{label}: torch.compile failed ({note['error']})")
+                    lines.append(
+                        f"- {res['model']}, {name}{label}: torch.compile failed ({note['error']})"
+                    )
                     continue
-                same = "bit-identical to eager" if note["equal"] else (
-                    f"differs from eager in {note['frac_diff']:.1%} of logits (max |Δ| {note['max_abs_diff']:.3g}, "
-                    f"top-1 agreement {note['top1_agree']:.0%})")
-                compile_s = f"compiled in {note['compile_s']:.0f}s" if note["compile_s"] else "reuses the compiled graph above"
+                same = (
+                    "bit-identical to eager"
+                    if note["equal"]
+                    else (
+                        f"differs from eager in {note['frac_diff']:.1%} of logits (max |Δ| {note['max_abs_diff']:.3g}, "
+                        f"top-1 agreement {note['top1_agree']:.0%})"
+                    )
+                )
+                compile_s = (
+                    f"compiled in {note['compile_s']:.0f}s"
+                    if note["compile_s"]
+                    else "reuses the compiled graph above"
+                )
                 lines.append(f"- {res['model']}, {name}{label}: {compile_s}; output {same}")
     return "\n".join(lines)
 
@@ -487,7 +661,9 @@ def environment(args: argparse.Namespace) -> str:
         hw = platform.processor() or platform.machine()
         with contextlib.suppress(OSError):
             with open("/proc/cpuinfo") as info:
-                names = [line.split(":", 1)[1].strip() for line in info if line.startswith("model name")]
+                names = [
+                    line.split(":", 1)[1].strip() for line in info if line.startswith("model name")
+                ]
             hw = f"{names[0]} ({len(names)} logical CPUs)" if names else hw
     threads = torch.get_num_threads() if device.type == "cpu" else "-"
     size = args.img_size or 224
@@ -507,7 +683,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.memory and args.device == "cpu" and not os.path.exists("/proc/self/clear_refs"):
-        print("note: no /proc/self/clear_refs (not Linux): skipping the memory phases", file=sys.stderr)
+        print(
+            "note: no /proc/self/clear_refs (not Linux): skipping the memory phases",
+            file=sys.stderr,
+        )
         args.memory = False
     started = time.perf_counter()
     args.load_before = tuple(round(v, 2) for v in os.getloadavg())
@@ -525,10 +704,18 @@ def main(argv: list[str] | None = None) -> None:
     ]
     mem = memory_table(results)
     if mem:
-        label = ("torch.cuda.max_memory_allocated above the allocation before the phase" if args.device == "cuda" else
-                 "growth of the resident set of a separate process during the phase: VmHWM after − VmRSS before; models built and warmed up by one forward")
+        label = (
+            "torch.cuda.max_memory_allocated above the allocation before the phase"
+            if args.device == "cuda"
+            else "growth of the resident set of a separate process during the phase: VmHWM after − VmRSS before; models built and warmed up by one forward"
+        )
         report += ["", f"### Peak memory ({label})", "", mem]
-    report += ["", environment(args), f"total benchmark time {time.perf_counter() - started:.0f}s", ""]
+    report += [
+        "",
+        environment(args),
+        f"total benchmark time {time.perf_counter() - started:.0f}s",
+        "",
+    ]
     print("\n".join(report))
     if args.json:
         with open(args.json, "w") as out:

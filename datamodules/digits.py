@@ -69,7 +69,9 @@ class DigitsDataModule(pl.LightningDataModule):
         if limit is not None:
             _check_int("limit", limit, 2)
         if not 0.0 < float(val_fraction) < 1.0:
-            raise ValueError(f"val_fraction must lie strictly between 0 and 1, got {val_fraction!r}")
+            raise ValueError(
+                f"val_fraction must lie strictly between 0 and 1, got {val_fraction!r}"
+            )
         self.save_hyperparameters()
         self.img_size = img_size
         self.batch_size = batch_size
@@ -98,7 +100,9 @@ class DigitsDataModule(pl.LightningDataModule):
                 f"val_fraction={self.val_fraction} of {n} images leaves an empty split ({n_val} val images)"
             )
         images = F.interpolate(
-            pixels.unsqueeze(1) / _MAX_PIXEL, size=(self.img_size, self.img_size), mode="bilinear",
+            pixels.unsqueeze(1) / _MAX_PIXEL,
+            size=(self.img_size, self.img_size),
+            mode="bilinear",
             align_corners=False,
         )
         images = (images - 0.5) / 0.5
@@ -107,13 +111,17 @@ class DigitsDataModule(pl.LightningDataModule):
         self.val_dataset = TensorDataset(_three_channels(images[val_idx]), labels[val_idx])
         self.train_dataset = TensorDataset(_three_channels(images[train_idx]), labels[train_idx])
 
-    def _loader(self, split: str, batch_size: int, shuffle: bool, drop_last: bool,
-                calibration: bool = False) -> DataLoader:
+    def _loader(
+        self, split: str, batch_size: int, shuffle: bool, drop_last: bool, calibration: bool = False
+    ) -> DataLoader:
         self.setup()  # lets a loader be requested without a prior setup(), e.g. by a callback
         dataset: Dataset = self.train_dataset if split == "train" else self.val_dataset
         if calibration:
             dataset = calibration_subset(
-                dataset, self.num_calib_batches, self.calib_batch_size, self.seed,
+                dataset,
+                self.num_calib_batches,
+                self.calib_batch_size,
+                self.seed,
                 source="the digits train split",
             )
         return DataLoader(

@@ -36,7 +36,9 @@ def strict_pil_loader(path: str) -> Image.Image:
         raise RuntimeError(f"cannot decode image {path}: {err}") from err
 
 
-def calibration_subset(dataset: Dataset, num_batches: int, batch_size: int, seed: int, source: str) -> Subset:
+def calibration_subset(
+    dataset: Dataset, num_batches: int, batch_size: int, seed: int, source: str
+) -> Subset:
     """The first ``num_batches * batch_size`` items of a seeded permutation of ``dataset``.
 
     The permutation is ``torch.randperm(len(dataset), generator=Generator().manual_seed(seed))``,
@@ -116,7 +118,9 @@ class ImageNetDataModule(pl.LightningDataModule):
         _positive_int("calib_batch_size", calib_batch_size)
         _positive_int("num_calib_batches", num_calib_batches)
         if train_transform not in _TRAIN_TRANSFORMS:
-            raise ValueError(f"train_transform must be one of {_TRAIN_TRANSFORMS}, got {train_transform!r}")
+            raise ValueError(
+                f"train_transform must be one of {_TRAIN_TRANSFORMS}, got {train_transform!r}"
+            )
         self.save_hyperparameters()
         self.root = os.fspath(root)
         self.model_name = model_name
@@ -150,14 +154,20 @@ class ImageNetDataModule(pl.LightningDataModule):
         key = (split, kind)
         if key not in self._datasets:
             if not os.path.isdir(self.root):
-                raise FileNotFoundError(f"dataset root {self.root!r} does not exist or is not a folder")
+                raise FileNotFoundError(
+                    f"dataset root {self.root!r} does not exist or is not a folder"
+                )
             split_dir = os.path.join(self.root, split)
             if not os.path.isdir(split_dir):
                 raise FileNotFoundError(f"split folder {split_dir!r} does not exist")
             try:
-                dataset = ImageFolder(split_dir, transform=self._transform(kind), loader=strict_pil_loader)
+                dataset = ImageFolder(
+                    split_dir, transform=self._transform(kind), loader=strict_pil_loader
+                )
             except FileNotFoundError as err:  # no class folders, or a class folder without images
-                raise FileNotFoundError(f"split folder {split_dir!r} has no usable images: {err}") from err
+                raise FileNotFoundError(
+                    f"split folder {split_dir!r} has no usable images: {err}"
+                ) from err
             self._check_same_classes(split, dataset)
             self._datasets[key] = dataset
         return self._datasets[key]
@@ -182,8 +192,15 @@ class ImageNetDataModule(pl.LightningDataModule):
 
     # -- loaders --------------------------------------------------------------------------
 
-    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, drop_last: bool,
-                persistent: bool = True, evaluation: bool = False) -> DataLoader:
+    def _loader(
+        self,
+        dataset: Dataset,
+        batch_size: int,
+        shuffle: bool,
+        drop_last: bool,
+        persistent: bool = True,
+        evaluation: bool = False,
+    ) -> DataLoader:
         generator = torch.Generator().manual_seed(self.seed) if shuffle else None
         return DataLoader(
             dataset,
@@ -199,11 +216,15 @@ class ImageNetDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         """Train split, shuffled (seeded), batches of ``batch_size``."""
-        return self._loader(self._dataset("train", self.train_transform), self.batch_size, True, False)
+        return self._loader(
+            self._dataset("train", self.train_transform), self.batch_size, True, False
+        )
 
     def val_dataloader(self) -> DataLoader:
         """Val split, eval transform, in order, every image exactly once (also over several processes)."""
-        return self._loader(self._dataset("val", "eval"), self.batch_size, False, False, evaluation=True)
+        return self._loader(
+            self._dataset("val", "eval"), self.batch_size, False, False, evaluation=True
+        )
 
     def test_dataloader(self) -> DataLoader:
         """Same as :meth:`val_dataloader` (ImageNet's test labels are not public)."""
@@ -217,6 +238,8 @@ class ImageNetDataModule(pl.LightningDataModule):
         """
         dataset = self._dataset("train", "eval")
         source = f"train split {os.path.join(self.root, 'train')!r}"
-        subset = calibration_subset(dataset, self.num_calib_batches, self.calib_batch_size, self.seed, source)
+        subset = calibration_subset(
+            dataset, self.num_calib_batches, self.calib_batch_size, self.seed, source
+        )
         # Iterated once per calibration, so worker processes need not outlive it.
         return self._loader(subset, self.calib_batch_size, False, True, persistent=False)

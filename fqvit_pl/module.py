@@ -25,14 +25,16 @@ _EVAL_STAGES = ("val", "test")
 
 def _eval_metrics(num_classes: int) -> nn.ModuleDict:
     # average="micro" is the ImageNet top-k; torchmetrics' default (macro) is not.
-    return nn.ModuleDict({
-        "top1": MulticlassAccuracy(num_classes, top_k=1, average="micro"),
-        "top5": MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro"),
-        "fp_top1": MulticlassAccuracy(num_classes, top_k=1, average="micro"),
-        "fp_agreement": MulticlassAccuracy(num_classes, top_k=1, average="micro"),
-        # Weighted by batch size and summed over ranks: exact however the images are split.
-        "loss": MeanMetric(),
-    })
+    return nn.ModuleDict(
+        {
+            "top1": MulticlassAccuracy(num_classes, top_k=1, average="micro"),
+            "top5": MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro"),
+            "fp_top1": MulticlassAccuracy(num_classes, top_k=1, average="micro"),
+            "fp_agreement": MulticlassAccuracy(num_classes, top_k=1, average="micro"),
+            # Weighted by batch size and summed over ranks: exact however the images are split.
+            "loss": MeanMetric(),
+        }
+    )
 
 
 class QuantViTModule(pl.LightningModule):
@@ -85,8 +87,14 @@ class QuantViTModule(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.net = create_model(
-            model_name, method=method, ptf=ptf, lis=lis, pretrained=pretrained,
-            checkpoint_path=checkpoint_path, num_classes=num_classes, model_kwargs=model_kwargs,
+            model_name,
+            method=method,
+            ptf=ptf,
+            lis=lis,
+            pretrained=pretrained,
+            checkpoint_path=checkpoint_path,
+            num_classes=num_classes,
+            model_kwargs=model_kwargs,
             **dict(overrides or {}),
         ).train()  # create_model returns eval mode; Lightning switches modes per stage from here
         self.label_smoothing = label_smoothing
@@ -105,8 +113,11 @@ class QuantViTModule(pl.LightningModule):
     def describe(self) -> dict[str, Any]:
         """What identifies this run in the paper's table: model, method, ptf, lis, bits (``W/A/Attn``)."""
         return {
-            "model": self.hparams.model_name, "method": self.quant_config.method,
-            "ptf": self.quant_config.ptf, "lis": self.quant_config.lis, "bits": self.quant_config.bits_label,
+            "model": self.hparams.model_name,
+            "method": self.quant_config.method,
+            "ptf": self.quant_config.ptf,
+            "lis": self.quant_config.lis,
+            "bits": self.quant_config.bits_label,
         }
 
     @override
@@ -135,15 +146,21 @@ class QuantViTModule(pl.LightningModule):
         self._check_preprocessing()
 
     def _check_preprocessing(self) -> None:
-        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        datamodule = (
+            getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        )
         data_config = getattr(datamodule, "data_config", None)
         if not isinstance(data_config, dict):
             return
         try:
-            expected = resolve_data_config(self.hparams.model_name, int(data_config["input_size"][-1]))
+            expected = resolve_data_config(
+                self.hparams.model_name, int(data_config["input_size"][-1])
+            )
         except ValueError:
             return
-        differs = [key for key in ("mean", "std", "crop_pct") if expected[key] != data_config.get(key)]
+        differs = [
+            key for key in ("mean", "std", "crop_pct") if expected[key] != data_config.get(key)
+        ]
         if differs:
             rank_zero_warn(
                 f"The DataModule preprocesses for another model family than {self.hparams.model_name!r} "
@@ -174,8 +191,10 @@ class QuantViTModule(pl.LightningModule):
     def _evaluation_epoch_start(self) -> None:
         self._quantized = self._quantizing_modules()
         if self.fp_agreement and not self._quantized and not self.trainer.sanity_checking:
-            rank_zero_warn("fp_agreement is on but the network is not quantized in this evaluation "
-                           "(no QuantCalibration callback?): fp_top1/fp_agreement are not logged")
+            rank_zero_warn(
+                "fp_agreement is on but the network is not quantized in this evaluation "
+                "(no QuantCalibration callback?): fp_top1/fp_agreement are not logged"
+            )
 
     def _evaluation_step(self, batch: Any, stage: str) -> None:
         x, y = batch[0], batch[1]

@@ -54,8 +54,13 @@ def format_summary(row: ResultRow) -> str:
     (plus ``fp_top1`` and ``fp_agreement`` when measured).
     """
     parts = [
-        row.model, row.method, f"ptf={row.ptf}", f"lis={row.lis}", f"W/A/Attn={row.bits}",
-        f"top1={_num(row.top1, 2)}", f"top5={_num(row.top5, 2)}",
+        row.model,
+        row.method,
+        f"ptf={row.ptf}",
+        f"lis={row.lis}",
+        f"W/A/Attn={row.bits}",
+        f"top1={_num(row.top1, 2)}",
+        f"top5={_num(row.top5, 2)}",
     ]
     if row.fp_top1 is not None:
         parts.append(f"fp_top1={_num(row.fp_top1, 2)}")

@@ -30,15 +30,24 @@ class RandomImages(pl.LightningDataModule):
         return DataLoader(TensorDataset(self.x[:16], self.y[:16]), batch_size=8)
 
     def val_dataloader(self):
-        return DataLoader(TensorDataset(self.x, self.y), batch_size=16)  # last batch 8: weights differ
+        return DataLoader(
+            TensorDataset(self.x, self.y), batch_size=16
+        )  # last batch 8: weights differ
 
     def test_dataloader(self):
         return self.val_dataloader()
 
 
 def _trainer(**kwargs):
-    return pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                      enable_model_summary=False, enable_progress_bar=False, **kwargs)
+    return pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=False,
+        **kwargs,
+    )
 
 
 def _expected(module, data):
@@ -92,34 +101,54 @@ def test_float_mode_restores_quantization():
     module, data = _module(), RandomImages()
     _trainer(callbacks=[QuantCalibration()]).validate(module, datamodule=data)
     with module.float_mode():
-        assert not any(bool(m.quant_enabled) for m in module.net.modules() if hasattr(m, "quant_enabled"))
+        assert not any(
+            bool(m.quant_enabled) for m in module.net.modules() if hasattr(m, "quant_enabled")
+        )
     assert all(bool(m.quant_enabled) for m in module.net.modules() if hasattr(m, "quant_enabled"))
 
 
-@pytest.mark.parametrize("kwargs,bits", [
-    ({}, "8/8/4"),
-    ({"lis": False}, "8/8/8"),
-    ({"overrides": {"activation": {"bit_type": "uint6"}}}, "8/6/4"),
-])
+@pytest.mark.parametrize(
+    "kwargs,bits",
+    [
+        ({}, "8/8/4"),
+        ({"lis": False}, "8/8/8"),
+        ({"overrides": {"activation": {"bit_type": "uint6"}}}, "8/6/4"),
+    ],
+)
 def test_describe(kwargs, bits):
     module = _module(method="omse", **kwargs)
-    assert module.describe() == {"model": "deit_tiny", "method": "omse", "ptf": True,
-                                 "lis": kwargs.get("lis", True), "bits": bits}
+    assert module.describe() == {
+        "model": "deit_tiny",
+        "method": "omse",
+        "ptf": True,
+        "lis": kwargs.get("lis", True),
+        "bits": bits,
+    }
 
 
 def test_overrides_reach_the_network():
     module = _module(overrides={"activation": {"bit_type": "uint6"}})
-    points = [m for m in module.net.modules() if type(m).__name__ == "QuantAct" and m.config.observer == "minmax"
-              and not m.observer.weight]
+    points = [
+        m
+        for m in module.net.modules()
+        if type(m).__name__ == "QuantAct"
+        and m.config.observer == "minmax"
+        and not m.observer.weight
+    ]
     assert points and all(p.config.bit_type.name == "uint6" for p in points)
 
 
 def test_training_uses_label_smoothing_and_configured_optimizer_and_scheduler():
-    module = _module(label_smoothing=0.2,
-                     optimizer=lambda params: torch.optim.SGD(params, lr=0.5),
-                     lr_scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.1))
+    module = _module(
+        label_smoothing=0.2,
+        optimizer=lambda params: torch.optim.SGD(params, lr=0.5),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.1),
+    )
     config = module.configure_optimizers()
-    assert isinstance(config["optimizer"], torch.optim.SGD) and config["optimizer"].param_groups[0]["lr"] == 0.5
+    assert (
+        isinstance(config["optimizer"], torch.optim.SGD)
+        and config["optimizer"].param_groups[0]["lr"] == 0.5
+    )
     assert isinstance(config["lr_scheduler"], torch.optim.lr_scheduler.StepLR)
     data = RandomImages()
     module.train()

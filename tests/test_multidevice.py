@@ -16,7 +16,9 @@ def _validate(devices: int, ckpt: str) -> dict:
     pl.seed_everything(0)
     model = QuantViTModule(model_name="deit_tiny", method="omse", num_classes=10, model_kwargs=TINY)
     # Batches of one image: each image's float arithmetic is then the same on every rank.
-    data = DigitsDataModule(img_size=16, batch_size=1, limit=157, calib_batch_size=6, num_calib_batches=2)
+    data = DigitsDataModule(
+        img_size=16, batch_size=1, limit=157, calib_batch_size=6, num_calib_batches=2
+    )
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=devices,
@@ -32,7 +34,11 @@ def _validate(devices: int, ckpt: str) -> dict:
 
 def _quant_state(path) -> dict:
     state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
-    return {k: v for k, v in state.items() if "_quant." in k or k.endswith("quant_enabled") or k.endswith("calibrated")}
+    return {
+        k: v
+        for k, v in state.items()
+        if "_quant." in k or k.endswith("quant_enabled") or k.endswith("calibrated")
+    }
 
 
 @pytest.fixture(scope="module")

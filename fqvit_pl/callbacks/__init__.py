@@ -1,7 +1,11 @@
 """Lightning callbacks: :class:`QuantCalibration` (reusable with any LightningModule whose network
 contains ``fqvit_pl.quant`` layers) and :class:`ResultsWriter` (summary line and results CSV)."""
 
-from fqvit_pl.callbacks.calibration import DEFAULT_NUM_BATCHES, QuantCalibration, default_batch_to_input
+from fqvit_pl.callbacks.calibration import (
+    DEFAULT_NUM_BATCHES,
+    QuantCalibration,
+    default_batch_to_input,
+)
 from fqvit_pl.callbacks.results import ResultsWriter
 
 __all__ = ["QuantCalibration", "ResultsWriter", "DEFAULT_NUM_BATCHES", "default_batch_to_input"]

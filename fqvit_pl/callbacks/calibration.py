@@ -17,7 +17,13 @@ from typing_extensions import override
 
 from fqvit_pl.distributed import shard_batch
 from fqvit_pl.quant import calibrate as calibrate_model
-from fqvit_pl.quant import disable_quantization, enable_quantization, is_calibrated, quant_modules, reset_calibration
+from fqvit_pl.quant import (
+    disable_quantization,
+    enable_quantization,
+    is_calibrated,
+    quant_modules,
+    reset_calibration,
+)
 
 __all__ = ["QuantCalibration", "DEFAULT_NUM_BATCHES"]
 
@@ -81,9 +87,12 @@ class QuantCalibration(pl.Callback):
         progress_bar: bool = True,
         save_path: Optional[str] = None,
     ) -> None:
-        if num_batches is not None and (isinstance(num_batches, bool) or not isinstance(num_batches, int)
-                                        or num_batches < 1):
-            raise ValueError(f"QuantCalibration: num_batches must be a positive int or None, got {num_batches!r}")
+        if num_batches is not None and (
+            isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1
+        ):
+            raise ValueError(
+                f"QuantCalibration: num_batches must be a positive int or None, got {num_batches!r}"
+            )
         self.num_batches = num_batches
         self.recalibrate = recalibrate
         self.batch_to_input = batch_to_input or default_batch_to_input
@@ -125,10 +134,13 @@ class QuantCalibration(pl.Callback):
         self._discard_on_next_step = True
 
     @override
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if self._discard_on_next_step:
-            reset_calibration(pl_module)  # this step changes the weights: the calibration no longer fits them
+            reset_calibration(
+                pl_module
+            )  # this step changes the weights: the calibration no longer fits them
             self._discard_on_next_step = False
 
     # -- calibration ------------------------------------------------------------------------
@@ -141,9 +153,13 @@ class QuantCalibration(pl.Callback):
                 "fqvit_pl.models.create_model or fqvit_pl.quant layers, or remove the callback."
             )
 
-    def _prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule, fresh_weights: bool) -> None:
+    def _prepare(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, fresh_weights: bool
+    ) -> None:
         self._require_quant_layers(pl_module)
-        self.last_calibration_seconds = self.last_calibration_images = self.last_calibration_source = None
+        self.last_calibration_seconds = self.last_calibration_images = (
+            self.last_calibration_source
+        ) = None
         if fresh_weights or self.recalibrate or not is_calibrated(pl_module):
             self.calibrate(trainer, pl_module)
             if self.save_path and not fresh_weights:
@@ -160,35 +176,59 @@ class QuantCalibration(pl.Callback):
     def calibrate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Calibrate ``pl_module`` now and switch quantization on (the one place calibration happens)."""
         loader, source, is_calibration_loader = self.calibration_batches(trainer, pl_module)
-        limit = self.num_batches if self.num_batches is not None else (
-            None if is_calibration_loader else DEFAULT_NUM_BATCHES)
+        limit = (
+            self.num_batches
+            if self.num_batches is not None
+            else (None if is_calibration_loader else DEFAULT_NUM_BATCHES)
+        )
         batches: Iterable[Any] = loader if limit is None else islice(loader, limit)
         total = _length(loader)
         if limit is not None:
             total = limit if total is None else min(total, limit)
-        show = self.progress_bar and trainer.progress_bar_callback is not None and trainer.is_global_zero
+        show = (
+            self.progress_bar
+            and trainer.progress_bar_callback is not None
+            and trainer.is_global_zero
+        )
         counter = {"batches": 0, "images": 0}
         start = time.perf_counter()
-        with tqdm(batches, total=total, desc="Calibration", disable=not show, leave=False,
-                  dynamic_ncols=True) as bar:
-            calibrate_model(pl_module, self._inputs(bar, trainer, pl_module, counter), forward=self.forward)
+        with tqdm(
+            batches,
+            total=total,
+            desc="Calibration",
+            disable=not show,
+            leave=False,
+            dynamic_ncols=True,
+        ) as bar:
+            calibrate_model(
+                pl_module, self._inputs(bar, trainer, pl_module, counter), forward=self.forward
+            )
         seconds = time.perf_counter() - start
         if limit is not None and counter["batches"] < limit:
-            rank_zero_warn(f"QuantCalibration: {source} gave only {counter['batches']} of the {limit} "
-                           "requested calibration batches")
+            rank_zero_warn(
+                f"QuantCalibration: {source} gave only {counter['batches']} of the {limit} "
+                "requested calibration batches"
+            )
         self.calibration_count += 1
         self.last_calibration_seconds = seconds
         self.last_calibration_images = counter["images"]
         self.last_calibration_source = source
         if trainer.state.fn in (TrainerFn.FITTING, TrainerFn.VALIDATING, TrainerFn.TESTING):
-            pl_module.log("calibration/seconds", seconds, on_step=False, on_epoch=True, batch_size=1)
+            pl_module.log(
+                "calibration/seconds", seconds, on_step=False, on_epoch=True, batch_size=1
+            )
         rank_zero_info(
             f"Calibrated {len(quant_modules(pl_module))} quantized layers on {counter['batches']} batches "
             f"({counter['images']} images) from {source} in {seconds:.1f} s"
         )
 
-    def _inputs(self, batches: Iterable[Any], trainer: pl.Trainer, pl_module: pl.LightningModule,
-                counter: dict[str, int]) -> Iterator[Any]:
+    def _inputs(
+        self,
+        batches: Iterable[Any],
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        counter: dict[str, int],
+    ) -> Iterator[Any]:
         # Each rank observes its contiguous part of every global batch; the quant core merges the
         # statistics, so W ranks compute exactly what one process computes on the whole batch.
         for batch in batches:
@@ -203,7 +243,9 @@ class QuantCalibration(pl.Callback):
         """Run the module on one calibration input; default ``pl_module(inputs)``."""
         return pl_module(inputs)
 
-    def calibration_batches(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[Iterable[Any], str, bool]:
+    def calibration_batches(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule
+    ) -> tuple[Iterable[Any], str, bool]:
         """The calibration batches: ``(loader, description, is_dedicated_calibration_loader)``."""
         owners = [owner for owner in (trainer.datamodule, pl_module) if owner is not None]
         for owner in owners:
@@ -213,16 +255,24 @@ class QuantCalibration(pl.Callback):
         for owner in owners:
             if is_overridden("train_dataloader", owner):
                 return owner.train_dataloader(), f"{type(owner).__name__}.train_dataloader()", False
-        train_loader = _first(trainer.train_dataloader) if trainer.state.fn == TrainerFn.FITTING else None
+        train_loader = (
+            _first(trainer.train_dataloader) if trainer.state.fn == TrainerFn.FITTING else None
+        )
         if train_loader is not None:
             return train_loader, "the training loader", False
-        loaders = _first({
-            TrainerFn.FITTING: trainer.val_dataloaders, TrainerFn.VALIDATING: trainer.val_dataloaders,
-            TrainerFn.TESTING: trainer.test_dataloaders, TrainerFn.PREDICTING: trainer.predict_dataloaders,
-        }.get(trainer.state.fn))
+        loaders = _first(
+            {
+                TrainerFn.FITTING: trainer.val_dataloaders,
+                TrainerFn.VALIDATING: trainer.val_dataloaders,
+                TrainerFn.TESTING: trainer.test_dataloaders,
+                TrainerFn.PREDICTING: trainer.predict_dataloaders,
+            }.get(trainer.state.fn)
+        )
         if loaders is None:
-            raise RuntimeError("QuantCalibration: found no calibration data: give the DataModule a "
-                               "calibration_dataloader() or a train_dataloader()")
+            raise RuntimeError(
+                "QuantCalibration: found no calibration data: give the DataModule a "
+                "calibration_dataloader() or a train_dataloader()"
+            )
         rank_zero_warn(
             "QuantCalibration: no calibration_dataloader() or train_dataloader() found; calibrating on "
             "the evaluation batches themselves. The reported accuracy is then not a held-out measure."

@@ -59,7 +59,9 @@ class ResultsWriter(pl.Callback):
         during_fit: also report every validation epoch of ``fit``.
     """
 
-    def __init__(self, csv_path: Optional[str] = "results/results.csv", during_fit: bool = False) -> None:
+    def __init__(
+        self, csv_path: Optional[str] = "results/results.csv", during_fit: bool = False
+    ) -> None:
         self.csv_path = csv_path
         self.during_fit = during_fit
         self.last_row: Optional[ResultRow] = None
@@ -68,7 +70,9 @@ class ResultsWriter(pl.Callback):
         self._images = 0
 
     def _active(self, trainer: pl.Trainer) -> bool:
-        return not trainer.sanity_checking and (self.during_fit or trainer.state.fn != TrainerFn.FITTING)
+        return not trainer.sanity_checking and (
+            self.during_fit or trainer.state.fn != TrainerFn.FITTING
+        )
 
     def _epoch_start(self) -> None:
         self._images = 0
@@ -79,7 +83,11 @@ class ResultsWriter(pl.Callback):
         self._end = time.perf_counter()
 
     def _report(self, trainer: pl.Trainer, pl_module: pl.LightningModule, prefix: str) -> None:
-        images = int(trainer.strategy.reduce(torch.tensor(self._images, device=pl_module.device), reduce_op="sum"))
+        images = int(
+            trainer.strategy.reduce(
+                torch.tensor(self._images, device=pl_module.device), reduce_op="sum"
+            )
+        )
         metrics = trainer.callback_metrics
 
         def percent(name: str) -> Optional[float]:
@@ -88,16 +96,25 @@ class ResultsWriter(pl.Callback):
 
         loss = metrics.get(f"{prefix}/loss")
         seconds = self._end - self._start
-        calibration = next((cb for cb in trainer.callbacks if isinstance(cb, QuantCalibration)), None)
+        calibration = next(
+            (cb for cb in trainer.callbacks if isinstance(cb, QuantCalibration)), None
+        )
         info = _describe(pl_module)
         row = ResultRow(
-            model=str(info.get("model", "")), method=str(info.get("method", "")),
-            ptf=info.get("ptf", ""), lis=info.get("lis", ""), bits=str(info.get("bits", "")),
-            top1=percent("top1"), top5=percent("top5"),
+            model=str(info.get("model", "")),
+            method=str(info.get("method", "")),
+            ptf=info.get("ptf", ""),
+            lis=info.get("lis", ""),
+            bits=str(info.get("bits", "")),
+            top1=percent("top1"),
+            top5=percent("top5"),
             calib_seconds=None if calibration is None else calibration.last_calibration_seconds,
             images_per_s=images / seconds if seconds > 0 and images else None,
-            num_images=images, fp_top1=percent("fp_top1"), fp_agreement=percent("fp_agreement"),
-            loss=None if loss is None else float(loss), stage=str(trainer.state.fn.value),
+            num_images=images,
+            fp_top1=percent("fp_top1"),
+            fp_agreement=percent("fp_agreement"),
+            loss=None if loss is None else float(loss),
+            stage=str(trainer.state.fn.value),
             timestamp=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         )
         self.last_row = row
@@ -114,13 +131,27 @@ class ResultsWriter(pl.Callback):
         self._epoch_start()
 
     @override
-    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
-                                batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+    def on_validation_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
         self._batch_end(batch)
 
     @override
-    def on_test_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
-                          batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+    def on_test_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
         self._batch_end(batch)
 
     @override

@@ -7,7 +7,13 @@ preprocessing of a model. Before :func:`fqvit_pl.quant.calibrate` a network comp
 equals timm's model with the same weights.
 """
 
-from .checkpoint import CheckpointError, extract_state_dict, load_checkpoint, quant_state_keys, read_checkpoint
+from .checkpoint import (
+    CheckpointError,
+    extract_state_dict,
+    load_checkpoint,
+    quant_state_keys,
+    read_checkpoint,
+)
 from .factory import create_model
 from .preprocess import create_eval_transform, resolve_data_config
 from .registry import MODELS, ModelSpec, get_model_spec, list_models, resolve_model_name

@@ -24,7 +24,13 @@ from torch import Tensor, nn
 
 from ..quant import QuantModule, reset_calibration
 
-__all__ = ["CheckpointError", "load_checkpoint", "read_checkpoint", "extract_state_dict", "quant_state_keys"]
+__all__ = [
+    "CheckpointError",
+    "load_checkpoint",
+    "read_checkpoint",
+    "extract_state_dict",
+    "quant_state_keys",
+]
 
 Checkpoint = Union[str, "os.PathLike[str]", Mapping[str, Any]]
 
@@ -75,7 +81,11 @@ def extract_state_dict(obj: Any, source: str = "checkpoint") -> dict[str, Tensor
             f"{source} is not a state dict: expected a mapping of parameter names to tensors (possibly under a "
             f"'model' or 'state_dict' key), got {what}"
         )
-    bad = [key for key, value in obj.items() if not isinstance(key, str) or not isinstance(value, Tensor)]
+    bad = [
+        key
+        for key, value in obj.items()
+        if not isinstance(key, str) or not isinstance(value, Tensor)
+    ]
     if bad:
         key = bad[0]
         raise CheckpointError(
@@ -111,13 +121,19 @@ def _fit_report(state: Mapping[str, Tensor], expected: Mapping[str, Tensor]) -> 
         if k in state and _shape(state[k]) != _shape(expected[k])
     ]
     parts = []
-    for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
+    for label, items in (
+        ("missing", missing),
+        ("unexpected", unexpected),
+        ("shape mismatch", mismatched),
+    ):
         if items:
             parts.append(f"{len(items)} {label} key(s), first {items[:_SHOWN]}")
     return "; ".join(parts)
 
 
-def _raise_misfit(source: str, model: nn.Module, report: str, kind: str, extra: str = "") -> NoReturn:
+def _raise_misfit(
+    source: str, model: nn.Module, report: str, kind: str, extra: str = ""
+) -> NoReturn:
     name = getattr(model, "model_name", type(model).__name__)
     raise CheckpointError(
         f"{source} does not fit {name} as a {kind}: {report}. A checkpoint of another architecture or size shows "
@@ -125,31 +141,48 @@ def _raise_misfit(source: str, model: nn.Module, report: str, kind: str, extra: 
     )
 
 
-def _check_not_resampled(state: Mapping[str, Tensor], expected: Mapping[str, Tensor], source: str, model: nn.Module) -> None:
+def _check_not_resampled(
+    state: Mapping[str, Tensor], expected: Mapping[str, Tensor], source: str, model: nn.Module
+) -> None:
     """Refuse what timm's filters would silently resample (another patch, grid or window size)."""
     for key, value in state.items():
         if key in expected and (key in _RESAMPLED_KEYS or key.endswith(_RESAMPLED_SUFFIXES)):
             target = expected[key]
             # timm's old linear patch embedding [O, I*p*p] is a reshape, not a resample.
-            reshaped = key.endswith("patch_embed.proj.weight") and value.dim() < 4 and value.numel() == target.numel()
+            reshaped = (
+                key.endswith("patch_embed.proj.weight")
+                and value.dim() < 4
+                and value.numel() == target.numel()
+            )
             if _shape(value) != _shape(target) and not reshaped:
                 _raise_misfit(source, model, _fit_report(state, expected), "float checkpoint")
 
 
-def _convert(model: nn.Module, state: dict[str, Tensor], float_state: Mapping[str, Tensor], source: str) -> dict[str, Tensor]:
+def _convert(
+    model: nn.Module, state: dict[str, Tensor], float_state: Mapping[str, Tensor], source: str
+) -> dict[str, Tensor]:
     """Apply the model family's timm checkpoint filter (identity for a model without one)."""
     convert = getattr(model, "filter_checkpoint", None)
     if convert is None:
         return state
     try:
         return convert(state)
-    except Exception as err:  # the filters index the model with checkpoint keys: a misfit surfaces as any error
-        _raise_misfit(source, model, _fit_report(state, float_state) or "no key difference", "float checkpoint",
-                      f" (timm's checkpoint filter failed: {type(err).__name__}: {err})")
+    except (
+        Exception
+    ) as err:  # the filters index the model with checkpoint keys: a misfit surfaces as any error
+        _raise_misfit(
+            source,
+            model,
+            _fit_report(state, float_state) or "no key difference",
+            "float checkpoint",
+            f" (timm's checkpoint filter failed: {type(err).__name__}: {err})",
+        )
 
 
 @torch.no_grad()
-def load_checkpoint(model: nn.Module, checkpoint: Checkpoint, *, source: str | None = None) -> nn.Module:
+def load_checkpoint(
+    model: nn.Module, checkpoint: Checkpoint, *, source: str | None = None
+) -> nn.Module:
     """Load ``checkpoint`` (a file path or a state dict) into ``model`` strictly; returns ``model``.
 
     A float checkpoint (timm layout, or one timm's family filter converts) sets the weights and
@@ -170,8 +203,13 @@ def load_checkpoint(model: nn.Module, checkpoint: Checkpoint, *, source: str | N
     if any(key in quant_keys for key in state):
         report = _fit_report(state, model_state)
         if report:
-            _raise_misfit(source, model, report, "full state dict (weights + calibration state)",
-                          " Calibration state only loads into a model built with the same method, ptf and lis.")
+            _raise_misfit(
+                source,
+                model,
+                report,
+                "full state dict (weights + calibration state)",
+                " Calibration state only loads into a model built with the same method, ptf and lis.",
+            )
         model.load_state_dict(state, strict=True)
         return model
     float_state = {key: value for key, value in model_state.items() if key not in quant_keys}

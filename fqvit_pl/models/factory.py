@@ -35,7 +35,9 @@ def _architecture_kwargs(spec: ModelSpec, model_kwargs: Mapping[str, Any] | None
     return {**spec.kwargs, **model_kwargs}
 
 
-def _pretrained_state(spec: ModelSpec, tag: str, num_classes: int, model_kwargs: Mapping[str, Any]) -> dict:
+def _pretrained_state(
+    spec: ModelSpec, tag: str, num_classes: int, model_kwargs: Mapping[str, Any]
+) -> dict:
     """The §11 weights as timm builds them (timm downloads, caches and converts)."""
     import timm
 
@@ -91,8 +93,12 @@ def create_model(
             f"{list(ROLES)}, architecture arguments go in model_kwargs"
         )
     if pretrained and checkpoint_path is not None:
-        raise ValueError(f"create_model({name!r}): give pretrained=True or checkpoint_path, not both")
-    if checkpoint_path is not None and not os.path.isfile(checkpoint_path):  # before building a large network
+        raise ValueError(
+            f"create_model({name!r}): give pretrained=True or checkpoint_path, not both"
+        )
+    if checkpoint_path is not None and not os.path.isfile(
+        checkpoint_path
+    ):  # before building a large network
         raise FileNotFoundError(f"checkpoint {os.fspath(checkpoint_path)!r} does not exist")
     qconfig = QuantConfig(method, ptf, lis, overrides=dict(overrides))
     arch_kwargs = _architecture_kwargs(spec, model_kwargs)

@@ -24,16 +24,34 @@ class QuantPatchEmbed(nn.Module):
     (per tensor by default, also when ptf is on); the patch norm reads its scale as its input scale.
     """
 
-    def __init__(self, img_size: int | Sequence[int], patch_size: int | Sequence[int], in_chans: int, embed_dim: int,
-                 qconfig: QuantConfig, norm_eps: float | None = None) -> None:
+    def __init__(
+        self,
+        img_size: int | Sequence[int],
+        patch_size: int | Sequence[int],
+        in_chans: int,
+        embed_dim: int,
+        qconfig: QuantConfig,
+        norm_eps: float | None = None,
+    ) -> None:
         super().__init__()
         self.img_size: tuple[int, int] = tuple(to_2tuple(img_size))
         self.patch_size: tuple[int, int] = tuple(to_2tuple(patch_size))
         if any(s < p for s, p in zip(self.img_size, self.patch_size)):
-            raise ValueError(f"img_size {self.img_size} is smaller than patch_size {self.patch_size}")
-        self.grid_size: tuple[int, int] = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
+            raise ValueError(
+                f"img_size {self.img_size} is smaller than patch_size {self.patch_size}"
+            )
+        self.grid_size: tuple[int, int] = (
+            self.img_size[0] // self.patch_size[0],
+            self.img_size[1] // self.patch_size[1],
+        )
         self.num_patches = self.grid_size[0] * self.grid_size[1]
-        self.proj = QuantConv2d(in_chans, embed_dim, self.patch_size, stride=self.patch_size, config=qconfig.point("weight"))
+        self.proj = QuantConv2d(
+            in_chans,
+            embed_dim,
+            self.patch_size,
+            stride=self.patch_size,
+            config=qconfig.point("weight"),
+        )
         self.proj_quant = QuantAct(embed_dim, qconfig.point("activation"))
         if norm_eps is None:
             self.norm = None

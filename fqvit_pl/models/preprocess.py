@@ -49,7 +49,9 @@ def _family(name: str) -> str:
     for family in FAMILY_CONFIGS:
         if arch.startswith(family + "_"):
             return family
-    raise ValueError(f"unknown model name {name!r} for preprocessing; known names: {_known_names()}")
+    raise ValueError(
+        f"unknown model name {name!r} for preprocessing; known names: {_known_names()}"
+    )
 
 
 def resolve_data_config(name: str, img_size: int = 224) -> Dict[str, Any]:
@@ -73,7 +75,9 @@ def resolve_data_config(name: str, img_size: int = 224) -> Dict[str, Any]:
             non-positive ``img_size``.
     """
     if not isinstance(name, str):
-        raise ValueError(f"model name must be a string, got {name!r}; known names: {_known_names()}")
+        raise ValueError(
+            f"model name must be a string, got {name!r}; known names: {_known_names()}"
+        )
     if isinstance(img_size, bool) or not isinstance(img_size, int) or img_size <= 0:
         raise ValueError(f"img_size must be a positive int, got {img_size!r}")
     mean, std, crop_pct = FAMILY_CONFIGS[_family(name)]

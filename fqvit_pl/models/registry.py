@@ -36,17 +36,89 @@ def _spec(name: str, architecture: str, tag: str, family: str, **kwargs: Any) ->
 
 
 _SPECS = (
-    _spec("deit_tiny", "deit_tiny_patch16_224", "fb_in1k", "deit", patch_size=16, embed_dim=192, depth=12, num_heads=3),
-    _spec("deit_small", "deit_small_patch16_224", "fb_in1k", "deit", patch_size=16, embed_dim=384, depth=12, num_heads=6),
-    _spec("deit_base", "deit_base_patch16_224", "fb_in1k", "deit", patch_size=16, embed_dim=768, depth=12, num_heads=12),
-    _spec("vit_base", "vit_base_patch16_224", "augreg_in21k_ft_in1k", "vit", patch_size=16, embed_dim=768, depth=12, num_heads=12),
-    _spec("vit_large", "vit_large_patch16_224", "augreg_in21k_ft_in1k", "vit", patch_size=16, embed_dim=1024, depth=24, num_heads=16),
-    _spec("swin_tiny", "swin_tiny_patch4_window7_224", "ms_in1k", "swin", patch_size=4, window_size=7, embed_dim=96,
-          depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24)),
-    _spec("swin_small", "swin_small_patch4_window7_224", "ms_in1k", "swin", patch_size=4, window_size=7, embed_dim=96,
-          depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24)),
-    _spec("swin_base", "swin_base_patch4_window7_224", "ms_in1k", "swin", patch_size=4, window_size=7, embed_dim=128,
-          depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32)),
+    _spec(
+        "deit_tiny",
+        "deit_tiny_patch16_224",
+        "fb_in1k",
+        "deit",
+        patch_size=16,
+        embed_dim=192,
+        depth=12,
+        num_heads=3,
+    ),
+    _spec(
+        "deit_small",
+        "deit_small_patch16_224",
+        "fb_in1k",
+        "deit",
+        patch_size=16,
+        embed_dim=384,
+        depth=12,
+        num_heads=6,
+    ),
+    _spec(
+        "deit_base",
+        "deit_base_patch16_224",
+        "fb_in1k",
+        "deit",
+        patch_size=16,
+        embed_dim=768,
+        depth=12,
+        num_heads=12,
+    ),
+    _spec(
+        "vit_base",
+        "vit_base_patch16_224",
+        "augreg_in21k_ft_in1k",
+        "vit",
+        patch_size=16,
+        embed_dim=768,
+        depth=12,
+        num_heads=12,
+    ),
+    _spec(
+        "vit_large",
+        "vit_large_patch16_224",
+        "augreg_in21k_ft_in1k",
+        "vit",
+        patch_size=16,
+        embed_dim=1024,
+        depth=24,
+        num_heads=16,
+    ),
+    _spec(
+        "swin_tiny",
+        "swin_tiny_patch4_window7_224",
+        "ms_in1k",
+        "swin",
+        patch_size=4,
+        window_size=7,
+        embed_dim=96,
+        depths=(2, 2, 6, 2),
+        num_heads=(3, 6, 12, 24),
+    ),
+    _spec(
+        "swin_small",
+        "swin_small_patch4_window7_224",
+        "ms_in1k",
+        "swin",
+        patch_size=4,
+        window_size=7,
+        embed_dim=96,
+        depths=(2, 2, 18, 2),
+        num_heads=(3, 6, 12, 24),
+    ),
+    _spec(
+        "swin_base",
+        "swin_base_patch4_window7_224",
+        "ms_in1k",
+        "swin",
+        patch_size=4,
+        window_size=7,
+        embed_dim=128,
+        depths=(2, 2, 18, 2),
+        num_heads=(4, 8, 16, 32),
+    ),
 )
 
 #: short name → spec, in the order of the published table.
@@ -73,7 +145,9 @@ def resolve_model_name(name: str) -> tuple[ModelSpec, str]:
     base, _, tag = name.strip().partition(".")
     spec = MODELS.get(base) or _BY_ARCHITECTURE.get(base)
     if spec is None:
-        raise ValueError(f"unknown model {name!r}; available: {_available()} (a timm '.tag' suffix is accepted)")
+        raise ValueError(
+            f"unknown model {name!r}; available: {_available()} (a timm '.tag' suffix is accepted)"
+        )
     return spec, tag or spec.tag
 
 

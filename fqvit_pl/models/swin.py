@@ -23,7 +23,15 @@ from timm.models.swin_transformer import (
 )
 from torch import Tensor, nn
 
-from ..quant import QuantAct, QuantConfig, QuantLayerNorm, QuantLinear, QuantSoftmax, eager_kernels, with_scratch_scope
+from ..quant import (
+    QuantAct,
+    QuantConfig,
+    QuantLayerNorm,
+    QuantLinear,
+    QuantSoftmax,
+    eager_kernels,
+    with_scratch_scope,
+)
 from .layers import QuantMlp, QuantPatchEmbed, check_input_size, init_weights
 
 __all__ = [
@@ -49,7 +57,9 @@ def _region_labels(size: int, window: int, shift: int) -> Tensor:
     return labels
 
 
-def shifted_window_mask(padded_resolution: tuple[int, int], window: tuple[int, int], shift: tuple[int, int]) -> Tensor | None:
+def shifted_window_mask(
+    padded_resolution: tuple[int, int], window: tuple[int, int], shift: tuple[int, int]
+) -> Tensor | None:
     """The shifted-window attention mask ``[num_windows, N, N]`` (0 within a region, -100 across), or None.
 
     ``padded_resolution`` is the token grid rounded up to whole windows; ``N = window[0] * window[1]``.
@@ -71,7 +81,14 @@ class QuantWindowAttention(nn.Module):
     ``a += mask`` (unquantized); ``p = Softmax_q(a)``; ``o = Q(merge_heads(p @ v))``; ``Q(proj(o))``.
     """
 
-    def __init__(self, dim: int, num_heads: int, window_size: tuple[int, int], qkv_bias: bool, qconfig: QuantConfig) -> None:
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        window_size: tuple[int, int],
+        qkv_bias: bool,
+        qconfig: QuantConfig,
+    ) -> None:
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"stage dim {dim} is not divisible by num_heads {num_heads}")
@@ -85,10 +102,14 @@ class QuantWindowAttention(nn.Module):
         self.relative_position_bias_table = nn.Parameter(
             torch.zeros((2 * window_size[0] - 1) * (2 * window_size[1] - 1), num_heads)
         )
-        self.register_buffer("relative_position_index", get_relative_position_index(*window_size), persistent=False)
+        self.register_buffer(
+            "relative_position_index", get_relative_position_index(*window_size), persistent=False
+        )
         self.qkv = QuantLinear(dim, 3 * dim, bias=qkv_bias, config=qconfig.point("weight"))
         self.qkv_quant = QuantAct(3 * dim, act)
-        self.score_quant = QuantAct(num_heads, act)  # [B, heads, N, N]: the channel axis is the head
+        self.score_quant = QuantAct(
+            num_heads, act
+        )  # [B, heads, N, N]: the channel axis is the head
         self.bias_table_quant = QuantAct(num_heads, act)
         self.bias_quant = QuantAct(num_heads, act)
         self.softmax = QuantSoftmax(qconfig.point("softmax"), lis=qconfig.lis)
@@ -100,18 +121,26 @@ class QuantWindowAttention(nn.Module):
     def relative_position_bias(self) -> Tensor:
         """The quantized table gathered to ``[1, heads, N, N]``."""
         table = self.bias_table_quant(self.relative_position_bias_table)
-        bias = table[self.relative_position_index.reshape(-1)].reshape(self.window_area, self.window_area, -1)
+        bias = table[self.relative_position_index.reshape(-1)].reshape(
+            self.window_area, self.window_area, -1
+        )
         return bias.permute(2, 0, 1).unsqueeze(0)
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         windows, tokens, dim = x.shape
         qkv = self.qkv_quant(self.qkv(x))
-        q, k, v = qkv.reshape(windows, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = (
+            qkv.reshape(windows, tokens, 3, self.num_heads, self.head_dim)
+            .permute(2, 0, 3, 1, 4)
+            .unbind(0)
+        )
         scores = self.score_quant((q * self.scale) @ k.transpose(-2, -1))
         scores = self.bias_quant(scores + self.relative_position_bias())
         if mask is not None:
             num_windows = mask.shape[0]
-            scores = scores.view(-1, num_windows, self.num_heads, tokens, tokens) + mask[None, :, None]
+            scores = (
+                scores.view(-1, num_windows, self.num_heads, tokens, tokens) + mask[None, :, None]
+            )
             scores = scores.view(-1, self.num_heads, tokens, tokens)
         probs = self.softmax(scores, self.bias_quant)
         context = self.context_quant((probs @ v).transpose(1, 2).reshape(windows, tokens, dim))
@@ -126,12 +155,24 @@ class QuantSwinBlock(nn.Module):
     not shifted, and the grid is zero-padded to whole windows.
     """
 
-    def __init__(self, dim: int, input_resolution: tuple[int, int], num_heads: int, window_size: tuple[int, int],
-                 shift: bool, mlp_ratio: float, qkv_bias: bool, eps: float, qconfig: QuantConfig) -> None:
+    def __init__(
+        self,
+        dim: int,
+        input_resolution: tuple[int, int],
+        num_heads: int,
+        window_size: tuple[int, int],
+        shift: bool,
+        mlp_ratio: float,
+        qkv_bias: bool,
+        eps: float,
+        qconfig: QuantConfig,
+    ) -> None:
         super().__init__()
         act, ln_input = qconfig.point("activation"), qconfig.point("ln_input")
         self.input_resolution = input_resolution
-        self.window_size: tuple[int, int] = tuple(min(r, w) for r, w in zip(input_resolution, window_size))
+        self.window_size: tuple[int, int] = tuple(
+            min(r, w) for r, w in zip(input_resolution, window_size)
+        )
         self.shift_size: tuple[int, int] = tuple(
             w // 2 if shift and r > w else 0 for r, w in zip(input_resolution, window_size)
         )
@@ -144,7 +185,11 @@ class QuantSwinBlock(nn.Module):
         self.mlp = QuantMlp(dim, int(dim * mlp_ratio), qconfig)
         self.res2_quant = QuantAct(dim, ln_input)
         padded = tuple(math.ceil(r / w) * w for r, w in zip(input_resolution, self.window_size))
-        self.register_buffer("attn_mask", shifted_window_mask(padded, self.window_size, self.shift_size), persistent=False)
+        self.register_buffer(
+            "attn_mask",
+            shifted_window_mask(padded, self.window_size, self.shift_size),
+            persistent=False,
+        )
 
     @property
     def out_point(self) -> QuantAct:
@@ -162,7 +207,12 @@ class QuantSwinBlock(nn.Module):
         x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
         windows = window_partition(x, self.window_size).view(-1, self.attn.window_area, dim)
         windows = self.attn(windows, self.attn_mask)
-        x = window_reverse(windows.view(-1, *self.window_size, dim), self.window_size, height + pad_h, width + pad_w)
+        x = window_reverse(
+            windows.view(-1, *self.window_size, dim),
+            self.window_size,
+            height + pad_h,
+            width + pad_w,
+        )
         x = x[:, :height, :width, :]
         if any(self.shift_size):
             x = torch.roll(x, shifts=self.shift_size, dims=(1, 2))
@@ -183,7 +233,14 @@ class QuantPatchMerging(nn.Module):
     bias-free ``reduction`` and ``LNQ(x)``. The integer ``norm`` tiles the ``dim`` input scales 4 times.
     """
 
-    def __init__(self, dim: int, out_dim: int, input_resolution: tuple[int, int], eps: float, qconfig: QuantConfig) -> None:
+    def __init__(
+        self,
+        dim: int,
+        out_dim: int,
+        input_resolution: tuple[int, int],
+        eps: float,
+        qconfig: QuantConfig,
+    ) -> None:
         super().__init__()
         self.input_resolution = input_resolution
         self.output_resolution = tuple(math.ceil(r / 2) for r in input_resolution)
@@ -203,7 +260,11 @@ class QuantPatchMerging(nn.Module):
         x = F.pad(x.view(batch, height, width, dim), (0, 0, 0, width % 2, 0, height % 2))
         rows, cols = self.output_resolution
         # [B, rows, 2, cols, 2, C] → [B, rows, cols, col offset, row offset, C]: timm's channel order.
-        x = x.reshape(batch, rows, 2, cols, 2, dim).permute(0, 1, 3, 4, 2, 5).reshape(batch, rows * cols, 4 * dim)
+        x = (
+            x.reshape(batch, rows, 2, cols, 2, dim)
+            .permute(0, 1, 3, 4, 2, 5)
+            .reshape(batch, rows * cols, 4 * dim)
+        )
         x = self.norm_quant(self.norm(x, in_point, self.norm_quant))
         return self.reduction_quant(self.reduction(x))
 
@@ -214,21 +275,44 @@ class QuantSwinStage(nn.Module):
     ``[B, H*W, dim]`` → ``[B, H'*W', out_dim]``; blocks alternate regular and shifted windows.
     """
 
-    def __init__(self, dim: int, out_dim: int, input_resolution: tuple[int, int], depth: int, downsample: bool,
-                 num_heads: int, window_size: tuple[int, int], mlp_ratio: float, qkv_bias: bool, eps: float,
-                 qconfig: QuantConfig) -> None:
+    def __init__(
+        self,
+        dim: int,
+        out_dim: int,
+        input_resolution: tuple[int, int],
+        depth: int,
+        downsample: bool,
+        num_heads: int,
+        window_size: tuple[int, int],
+        mlp_ratio: float,
+        qkv_bias: bool,
+        eps: float,
+        qconfig: QuantConfig,
+    ) -> None:
         super().__init__()
         if downsample:
             self.downsample = QuantPatchMerging(dim, out_dim, input_resolution, eps, qconfig)
             resolution = self.downsample.output_resolution
         else:
             if dim != out_dim:
-                raise ValueError(f"a stage without patch merging keeps its dim, got {dim} → {out_dim}")
+                raise ValueError(
+                    f"a stage without patch merging keeps its dim, got {dim} → {out_dim}"
+                )
             self.downsample = None
             resolution = input_resolution
         self.output_resolution: tuple[int, int] = tuple(resolution)
         self.blocks = nn.ModuleList(
-            QuantSwinBlock(out_dim, self.output_resolution, num_heads, window_size, i % 2 == 1, mlp_ratio, qkv_bias, eps, qconfig)
+            QuantSwinBlock(
+                out_dim,
+                self.output_resolution,
+                num_heads,
+                window_size,
+                i % 2 == 1,
+                mlp_ratio,
+                qkv_bias,
+                eps,
+                qconfig,
+            )
             for i in range(depth)
         )
 
@@ -300,13 +384,26 @@ class QuantSwinTransformer(nn.Module):
         dims = [int(embed_dim * 2**i) for i in range(len(depths))]
         self.num_features = dims[-1]
         self.input_quant = QuantAct(in_chans, qconfig.point("activation"))
-        self.patch_embed = QuantPatchEmbed(img_size, patch_size, in_chans, dims[0], qconfig, norm_eps=eps)
+        self.patch_embed = QuantPatchEmbed(
+            img_size, patch_size, in_chans, dims[0], qconfig, norm_eps=eps
+        )
         windows = resolve_stage_window_sizes(window_size, len(depths))
         stages = []
         resolution = self.patch_embed.grid_size
         for i, depth in enumerate(depths):
-            stage = QuantSwinStage(dims[max(i - 1, 0)], dims[i], resolution, depth, i > 0, num_heads[i],
-                                   tuple(windows[i]), mlp_ratio, qkv_bias, eps, qconfig)
+            stage = QuantSwinStage(
+                dims[max(i - 1, 0)],
+                dims[i],
+                resolution,
+                depth,
+                i > 0,
+                num_heads[i],
+                tuple(windows[i]),
+                mlp_ratio,
+                qkv_bias,
+                eps,
+                qconfig,
+            )
             resolution = stage.output_resolution
             stages.append(stage)
         self.layers = nn.ModuleList(stages)
@@ -350,4 +447,14 @@ class QuantSwinTransformer(nn.Module):
     @classmethod
     def architecture_args(cls) -> tuple[str, ...]:
         """The architecture keyword arguments accepted through ``create_model(model_kwargs=...)``."""
-        return ("img_size", "patch_size", "in_chans", "embed_dim", "depths", "num_heads", "window_size", "mlp_ratio", "qkv_bias")
+        return (
+            "img_size",
+            "patch_size",
+            "in_chans",
+            "embed_dim",
+            "depths",
+            "num_heads",
+            "window_size",
+            "mlp_ratio",
+            "qkv_bias",
+        )

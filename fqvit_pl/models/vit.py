@@ -15,7 +15,14 @@ from timm.layers import trunc_normal_
 from timm.models.vision_transformer import checkpoint_filter_fn
 from torch import Tensor, nn
 
-from ..quant import QuantAct, QuantConfig, QuantLayerNorm, QuantLinear, QuantSoftmax, with_scratch_scope
+from ..quant import (
+    QuantAct,
+    QuantConfig,
+    QuantLayerNorm,
+    QuantLinear,
+    QuantSoftmax,
+    with_scratch_scope,
+)
 from .layers import QuantMlp, QuantPatchEmbed, check_input_size, init_weights
 
 __all__ = ["QuantAttention", "QuantBlock", "QuantVisionTransformer"]
@@ -38,7 +45,9 @@ class QuantAttention(nn.Module):
         act = qconfig.point("activation")
         self.qkv = QuantLinear(dim, 3 * dim, bias=qkv_bias, config=qconfig.point("weight"))
         self.qkv_quant = QuantAct(3 * dim, act)
-        self.score_quant = QuantAct(num_heads, act)  # [B, heads, N, N]: the channel axis is the head
+        self.score_quant = QuantAct(
+            num_heads, act
+        )  # [B, heads, N, N]: the channel axis is the head
         self.softmax = QuantSoftmax(qconfig.point("softmax"), lis=qconfig.lis)
         self.context_quant = QuantAct(dim, act)
         self.proj = QuantLinear(dim, dim, config=qconfig.point("weight"))
@@ -47,7 +56,11 @@ class QuantAttention(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         batch, tokens, dim = x.shape
         qkv = self.qkv_quant(self.qkv(x))
-        q, k, v = qkv.reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = (
+            qkv.reshape(batch, tokens, 3, self.num_heads, self.head_dim)
+            .permute(2, 0, 3, 1, 4)
+            .unbind(0)
+        )
         scores = self.score_quant((q @ k.transpose(-2, -1)) * self.scale)
         probs = self.softmax(scores, self.score_quant)
         context = self.context_quant((probs @ v).transpose(1, 2).reshape(batch, tokens, dim))
@@ -61,7 +74,15 @@ class QuantBlock(nn.Module):
     ``forward(x, in_point)`` takes the point that produced ``x`` (the integer ``norm1`` reads its scales).
     """
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, qkv_bias: bool, eps: float, qconfig: QuantConfig) -> None:
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float,
+        qkv_bias: bool,
+        eps: float,
+        qconfig: QuantConfig,
+    ) -> None:
         super().__init__()
         act, ln_input = qconfig.point("activation"), qconfig.point("ln_input")
         self.norm1 = QuantLayerNorm(dim, eps=eps, integer=qconfig.ptf)
@@ -113,7 +134,9 @@ class QuantVisionTransformer(nn.Module):
     ) -> None:
         super().__init__()
         if depth < 1 or num_classes < 1:
-            raise ValueError(f"{model_name}: depth and num_classes must be positive, got {depth} and {num_classes}")
+            raise ValueError(
+                f"{model_name}: depth and num_classes must be positive, got {depth} and {num_classes}"
+            )
         act, ln_input = qconfig.point("activation"), qconfig.point("ln_input")
         self.qconfig = qconfig
         self.model_name = model_name
@@ -130,7 +153,8 @@ class QuantVisionTransformer(nn.Module):
         self.pos_quant = QuantAct(embed_dim, act)
         self.embed_quant = QuantAct(embed_dim, ln_input)
         self.blocks = nn.ModuleList(
-            QuantBlock(embed_dim, num_heads, mlp_ratio, qkv_bias, eps, qconfig) for _ in range(depth)
+            QuantBlock(embed_dim, num_heads, mlp_ratio, qkv_bias, eps, qconfig)
+            for _ in range(depth)
         )
         self.norm = QuantLayerNorm(embed_dim, eps=eps, integer=qconfig.ptf)
         self.pre_head_quant = QuantAct(embed_dim, act)
@@ -182,4 +206,13 @@ class QuantVisionTransformer(nn.Module):
     @classmethod
     def architecture_args(cls) -> tuple[str, ...]:
         """The architecture keyword arguments accepted through ``create_model(model_kwargs=...)``."""
-        return ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias")
+        return (
+            "img_size",
+            "patch_size",
+            "in_chans",
+            "embed_dim",
+            "depth",
+            "num_heads",
+            "mlp_ratio",
+            "qkv_bias",
+        )

@@ -41,7 +41,9 @@ class BitType:
 
 
 #: The three types the published method uses.
-BIT_TYPES: dict[str, BitType] = {t.name: t for t in (BitType(4, False), BitType(8, True), BitType(8, False))}
+BIT_TYPES: dict[str, BitType] = {
+    t.name: t for t in (BitType(4, False), BitType(8, True), BitType(8, False))
+}
 
 _NAME = re.compile(r"^(u?)int(\d+)$")
 

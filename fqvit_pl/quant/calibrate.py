@@ -37,7 +37,9 @@ def quant_modules(model: nn.Module) -> list[QuantModule]:
 def _require_quant_modules(model: nn.Module, action: str) -> list[QuantModule]:
     modules = quant_modules(model)
     if not modules:
-        raise ValueError(f"cannot {action} {type(model).__name__}: it contains no fqvit_pl.quant layers")
+        raise ValueError(
+            f"cannot {action} {type(model).__name__}: it contains no fqvit_pl.quant layers"
+        )
     return modules
 
 
@@ -54,7 +56,9 @@ def enable_quantization(model: nn.Module) -> nn.Module:
     modules = _require_quant_modules(model, "quantize")
     for module in modules:
         if not module.is_calibrated:
-            raise RuntimeError(f"{module.qname}: cannot quantize before calibration (run fqvit_pl.quant.calibrate first)")
+            raise RuntimeError(
+                f"{module.qname}: cannot quantize before calibration (run fqvit_pl.quant.calibrate first)"
+            )
     for module in modules:
         module.set_quantization(True)
     return model
@@ -159,7 +163,9 @@ def calibrate(
                 forward(model, batch)
                 seen += 1
         if seen == 0:
-            raise ValueError(f"cannot calibrate {type(model).__name__}: no calibration batches were given")
+            raise ValueError(
+                f"cannot calibrate {type(model).__name__}: no calibration batches were given"
+            )
         unreached = [m.qname for m in modules if isinstance(m, QuantAct) and not m.is_calibrated]
         if unreached:
             raise RuntimeError(

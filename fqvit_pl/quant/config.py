@@ -7,7 +7,15 @@ from typing import Any, Mapping
 
 from .bit_type import BitType, get_bit_type
 
-__all__ = ["PointConfig", "QuantConfig", "METHODS", "ROLES", "OBSERVERS", "QUANTIZERS", "GRANULARITIES"]
+__all__ = [
+    "PointConfig",
+    "QuantConfig",
+    "METHODS",
+    "ROLES",
+    "OBSERVERS",
+    "QUANTIZERS",
+    "GRANULARITIES",
+]
 
 METHODS = ("minmax", "ema", "percentile", "omse")
 OBSERVERS = ("minmax", "ema", "percentile", "omse", "ptf")
@@ -30,13 +38,17 @@ class PointConfig:
         if self.observer not in OBSERVERS:
             raise ValueError(f"unknown observer {self.observer!r}; choose one of {OBSERVERS}")
         if self.granularity not in GRANULARITIES:
-            raise ValueError(f"unknown granularity {self.granularity!r}; choose one of {GRANULARITIES}")
+            raise ValueError(
+                f"unknown granularity {self.granularity!r}; choose one of {GRANULARITIES}"
+            )
         if self.quantizer not in QUANTIZERS:
             raise ValueError(f"unknown quantizer {self.quantizer!r}; choose one of {QUANTIZERS}")
         if self.observer == "ptf" and self.granularity != "channel":
             raise ValueError("the ptf observer is per channel: granularity must be 'channel'")
         if self.observer == "percentile" and self.granularity != "tensor":
-            raise ValueError("the percentile observer is per tensor only: granularity must be 'tensor'")
+            raise ValueError(
+                "the percentile observer is per tensor only: granularity must be 'tensor'"
+            )
 
 
 @dataclass(frozen=True)
@@ -56,12 +68,16 @@ class QuantConfig:
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
-            raise ValueError(f"QuantConfig: unknown method {self.method!r}; choose one of {METHODS}")
+            raise ValueError(
+                f"QuantConfig: unknown method {self.method!r}; choose one of {METHODS}"
+            )
         for role, changes in dict(self.overrides).items():
             if role not in ROLES:
                 raise ValueError(f"QuantConfig.overrides: unknown role {role!r}; roles are {ROLES}")
             if not isinstance(changes, Mapping):
-                raise ValueError(f"QuantConfig.overrides[{role!r}] must be a mapping of field to value")
+                raise ValueError(
+                    f"QuantConfig.overrides[{role!r}] must be a mapping of field to value"
+                )
             unknown = set(changes) - {"bit_type", "observer", "granularity", "quantizer"}
             if unknown:
                 raise ValueError(
@@ -74,7 +90,9 @@ class QuantConfig:
             except ValueError as err:
                 raise ValueError(f"QuantConfig: role {role!r}: {err}") from None
         if self.point("softmax").granularity != "tensor":
-            raise ValueError("QuantConfig: role 'softmax' is quantized per tensor; granularity must be 'tensor'")
+            raise ValueError(
+                "QuantConfig: role 'softmax' is quantized per tensor; granularity must be 'tensor'"
+            )
 
     def _default(self, role: str) -> PointConfig:
         if role == "weight":

@@ -23,6 +23,7 @@ __all__ = ["gelu", "softmax", "layer_norm", "mean", "conv2d"]
 
 # The ATen calls themselves: run directly in eager mode, and inside the custom ops while compiling.
 
+
 def _gelu(x: Tensor) -> Tensor:
     return F.gelu(x)
 
@@ -31,7 +32,9 @@ def _softmax(x: Tensor, dim: int) -> Tensor:
     return x.softmax(dim=dim)
 
 
-def _layer_norm(x: Tensor, normalized_shape: list[int], weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
+def _layer_norm(
+    x: Tensor, normalized_shape: list[int], weight: Tensor | None, bias: Tensor | None, eps: float
+) -> Tensor:
     return F.layer_norm(x, normalized_shape, weight, bias, eps)
 
 
@@ -39,16 +42,31 @@ def _mean(x: Tensor, dim: int) -> Tensor:
     return x.mean(dim=dim)
 
 
-def _conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, stride: list[int], padding: list[int],
-            dilation: list[int], groups: int) -> Tensor:
+def _conv2d(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+) -> Tensor:
     return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
 
 # The custom ops, opaque to inductor, which hands them their inputs in eager's strides
 # (``needs_fixed_stride_order``: a convolution's algorithm depends on its input's layout). Their
 # fake versions run the same calls on fake tensors: eager's output shapes and strides.
-for _name, _fn in (("gelu", _gelu), ("softmax", _softmax), ("layer_norm", _layer_norm), ("mean", _mean), ("conv2d", _conv2d)):
-    torch.library.custom_op(f"fqvit::{_name}", _fn, mutates_args=(), tags=(torch.Tag.needs_fixed_stride_order,)).register_fake(_fn)
+for _name, _fn in (
+    ("gelu", _gelu),
+    ("softmax", _softmax),
+    ("layer_norm", _layer_norm),
+    ("mean", _mean),
+    ("conv2d", _conv2d),
+):
+    torch.library.custom_op(
+        f"fqvit::{_name}", _fn, mutates_args=(), tags=(torch.Tag.needs_fixed_stride_order,)
+    ).register_fake(_fn)
 
 
 def gelu(x: Tensor) -> Tensor:
@@ -61,10 +79,20 @@ def softmax(x: Tensor, dim: int) -> Tensor:
     return torch.ops.fqvit.softmax(x, dim) if torch.compiler.is_compiling() else _softmax(x, dim)
 
 
-def layer_norm(x: Tensor, normalized_shape: Sequence[int], weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
+def layer_norm(
+    x: Tensor,
+    normalized_shape: Sequence[int],
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+) -> Tensor:
     """Float LayerNorm over the trailing ``normalized_shape`` dims, as ``F.layer_norm``."""
     shape = list(normalized_shape)
-    return torch.ops.fqvit.layer_norm(x, shape, weight, bias, eps) if torch.compiler.is_compiling() else _layer_norm(x, shape, weight, bias, eps)
+    return (
+        torch.ops.fqvit.layer_norm(x, shape, weight, bias, eps)
+        if torch.compiler.is_compiling()
+        else _layer_norm(x, shape, weight, bias, eps)
+    )
 
 
 def mean(x: Tensor, dim: int) -> Tensor:
@@ -72,8 +100,15 @@ def mean(x: Tensor, dim: int) -> Tensor:
     return torch.ops.fqvit.mean(x, dim) if torch.compiler.is_compiling() else _mean(x, dim)
 
 
-def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, stride: Sequence[int], padding: Sequence[int],
-           dilation: Sequence[int], groups: int) -> Tensor:
+def conv2d(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+) -> Tensor:
     """``F.conv2d`` with integer paddings: ``[B, C_in, H, W]`` → ``[B, C_out, H', W']``."""
     args = (x, weight, bias, list(stride), list(padding), list(dilation), groups)
     return torch.ops.fqvit.conv2d(*args) if torch.compiler.is_compiling() else _conv2d(*args)

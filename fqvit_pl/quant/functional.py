@@ -64,7 +64,9 @@ EPS = float(torch.finfo(torch.float32).eps)
 
 def _needs_autograd(*tensors: Tensor) -> bool:
     """Whether an in-place chain could break autograd: grad mode on and some input requires grad."""
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors if isinstance(t, Tensor))
+    return torch.is_grad_enabled() and any(
+        t.requires_grad for t in tensors if isinstance(t, Tensor)
+    )
 
 
 def _all_float32(*tensors: Tensor) -> bool:
@@ -87,12 +89,16 @@ def channel_layout(x: Tensor, *, weight: bool = False) -> Tensor:
     """
     if weight:
         if x.dim() < 2:
-            raise ValueError(f"a weight needs at least 2 dims [out, in, ...], got shape {tuple(x.shape)}")
+            raise ValueError(
+                f"a weight needs at least 2 dims [out, in, ...], got shape {tuple(x.shape)}"
+            )
         return x.reshape(x.shape[0], -1)
     if x.dim() == 4:
         x = x.permute(0, 2, 3, 1)
     elif not 1 <= x.dim() <= 3:
-        raise ValueError(f"cannot lay out an activation of rank {x.dim()} (shape {tuple(x.shape)}); expected 1-D to 4-D")
+        raise ValueError(
+            f"cannot lay out an activation of rank {x.dim()} (shape {tuple(x.shape)}); expected 1-D to 4-D"
+        )
     return x.reshape(-1, x.shape[-1]).t()
 
 
@@ -111,10 +117,14 @@ def broadcast_channel(param: Tensor, x: Tensor, *, weight: bool = False) -> Tens
     return param
 
 
-def asymmetric_qparams(min_val: Tensor, max_val: Tensor, bit_type: BitType) -> tuple[Tensor, Tensor]:
+def asymmetric_qparams(
+    min_val: Tensor, max_val: Tensor, bit_type: BitType
+) -> tuple[Tensor, Tensor]:
     """Unsigned range → ``(scale, zero_point)`` (§4): ``scale = max((max-min)/levels, eps)``."""
     scale = torch.clamp((max_val - min_val) / float(bit_type.levels), min=EPS)
-    zero_point = torch.clamp(bit_type.lower - torch.round(min_val / scale), bit_type.lower, bit_type.upper)
+    zero_point = torch.clamp(
+        bit_type.lower - torch.round(min_val / scale), bit_type.lower, bit_type.upper
+    )
     return scale, zero_point
 
 
@@ -135,9 +145,19 @@ def range_to_qparams(min_val: Tensor, max_val: Tensor, bit_type: BitType) -> tup
 def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, bit_type: BitType) -> Tensor:
     """``(clamp(round(x/scale + zp), lower, upper) - zp) * scale`` (§4); scale/zp already broadcastable."""
     q = x / scale
-    if not _needs_autograd(x, scale, zero_point) and _fits_in_place(q, zero_point) and _fits_in_place(q, scale):
+    if (
+        not _needs_autograd(x, scale, zero_point)
+        and _fits_in_place(q, zero_point)
+        and _fits_in_place(q, scale)
+    ):
         # Same operations, same order, in place on the fresh quotient.
-        return q.add_(zero_point).round_().clamp_(bit_type.lower, bit_type.upper).sub_(zero_point).mul_(scale)
+        return (
+            q.add_(zero_point)
+            .round_()
+            .clamp_(bit_type.lower, bit_type.upper)
+            .sub_(zero_point)
+            .mul_(scale)
+        )
     q = torch.clamp(torch.round(q + zero_point), bit_type.lower, bit_type.upper)
     return (q - zero_point) * scale
 
@@ -180,7 +200,9 @@ def exact_quantile(values: Tensor, q: float, *, numel: int | None = None) -> Ten
     return torch.lerp(low, high, torch.tensor(weight, dtype=values.dtype, device=values.device))
 
 
-def extreme_values(values: Tensor, upper_k: int, lower_k: int, *, rows: int = 4096) -> tuple[Tensor, Tensor]:
+def extreme_values(
+    values: Tensor, upper_k: int, lower_k: int, *, rows: int = 4096
+) -> tuple[Tensor, Tensor]:
     """The ``upper_k`` largest and the ``lower_k`` smallest entries of ``values`` (flattened), unsorted.
 
     The same multisets as ``torch.topk(values, k, largest=...).values``, at about the cost of an
@@ -194,13 +216,20 @@ def extreme_values(values: Tensor, upper_k: int, lower_k: int, *, rows: int = 40
     n = values.numel()
     per_row = n // rows
     if per_row < 2 or max(upper_k, lower_k) * 4 > rows:
-        return (torch.topk(values, upper_k, largest=True, sorted=False).values,
-                torch.topk(values, lower_k, largest=False, sorted=False).values)
+        return (
+            torch.topk(values, upper_k, largest=True, sorted=False).values,
+            torch.topk(values, lower_k, largest=False, sorted=False).values,
+        )
     head, rest = values[: per_row * rows].view(rows, per_row), values[per_row * rows :]
-    row_max, row_min = head.amax(dim=1), head.amin(dim=1)  # (torch.aminmax(dim=1) is ~10x slower on CPU)
+    row_max, row_min = (
+        head.amax(dim=1),
+        head.amin(dim=1),
+    )  # (torch.aminmax(dim=1) is ~10x slower on CPU)
     if bool(torch.isnan(row_max).any()):
-        return (torch.topk(values, upper_k, largest=True, sorted=False).values,
-                torch.topk(values, lower_k, largest=False, sorted=False).values)
+        return (
+            torch.topk(values, upper_k, largest=True, sorted=False).values,
+            torch.topk(values, lower_k, largest=False, sorted=False).values,
+        )
 
     def tail(row_ext: Tensor, k: int, largest: bool) -> Tensor:
         if k == 0:
@@ -234,12 +263,17 @@ def omse_candidate_errors(
     otherwise (one candidate, or another device) the full search's chunks that hold them are run.
     """
     # (1 - 0.01 i) is formed in double precision, then the product is taken in x's dtype.
-    factors = torch.tensor([1.0 - 0.01 * i for i in range(num_candidates)], dtype=x.dtype, device=x.device)
+    factors = torch.tensor(
+        [1.0 - 0.01 * i for i in range(num_candidates)], dtype=x.dtype, device=x.device
+    )
     mins = min_val.to(x.device) * factors
     maxs = max_val.to(x.device) * factors
     scales, zero_points = asymmetric_qparams(mins, maxs, bit_type)
     flat = x.reshape(1, -1)
-    groups = [list(range(start, min(start + chunk, num_candidates))) for start in range(0, num_candidates, chunk)]
+    groups = [
+        list(range(start, min(start + chunk, num_candidates)))
+        for start in range(0, num_candidates, chunk)
+    ]
     if select is not None:
         chosen = sorted({int(i) for i in select})
         if x.device.type == "cpu" and 2 <= len(chosen) <= chunk:
@@ -282,11 +316,15 @@ def ptf_scales(min_val: Tensor, max_val: Tensor, bit_type: BitType) -> tuple[Ten
     """
     max_t, min_t = max_val.max(), min_val.min()
     s8 = torch.clamp((max_t - min_t) / float(bit_type.levels), min=EPS)
-    zero_point = torch.clamp(bit_type.lower - torch.round(min_t / s8), bit_type.lower, bit_type.upper)
+    zero_point = torch.clamp(
+        bit_type.lower - torch.round(min_t / s8), bit_type.lower, bit_type.upper
+    )
     return torch.stack([s8 / 8, s8 / 4, s8 / 2, s8]), zero_point
 
 
-def ptf_channel_errors(x_channels: Tensor, scales: Tensor, zero_point: Tensor, bit_type: BitType) -> Tensor:
+def ptf_channel_errors(
+    x_channels: Tensor, scales: Tensor, zero_point: Tensor, bit_type: BitType
+) -> Tensor:
     """Per-channel sum of squared errors of each PTF candidate scale: ``[C, n]`` → ``[C, 4]`` (float64)."""
     x = x_channels.unsqueeze(0)  # [1, C, n]
     diff = fake_quantize(x, scales.reshape(-1, 1, 1), zero_point, bit_type)
@@ -315,13 +353,25 @@ def int_exp(x: Tensor, scale: Tensor, n: int = 30) -> Tensor:
         r = x - x0 * q
         z = r * (r + torch.floor(b / scale)) + torch.floor(c / scale**2)
         return torch.clamp(torch.floor(z * torch.pow(2.0, n - q)), min=0)
-    return _int_exp_(torch.maximum(x, n * x0), x0, scale, n, b, c, torch.empty_like(x, memory_format=torch.contiguous_format))
+    return _int_exp_(
+        torch.maximum(x, n * x0),
+        x0,
+        scale,
+        n,
+        b,
+        c,
+        torch.empty_like(x, memory_format=torch.contiguous_format),
+    )
 
 
-def _int_exp_(x: Tensor, x0: Tensor, scale: Tensor, n: int, b: float, c: float, out: Tensor) -> Tensor:
+def _int_exp_(
+    x: Tensor, x0: Tensor, scale: Tensor, n: int, b: float, c: float, out: Tensor
+) -> Tensor:
     """The fast path of :func:`int_exp` on ``x = maximum(x, n * x0)``, which it overwrites (float32,
     no autograd); the result is written to ``out`` (contiguous, ``x``'s shape)."""
-    q = torch.div(x, x0, out=scratch_like(1, x)).floor_()  # q = floor(x / x0), an integer in 0..n; slot 0 is LIS's
+    q = torch.div(
+        x, x0, out=scratch_like(1, x)
+    ).floor_()  # q = floor(x / x0), an integer in 0..n; slot 0 is LIS's
     z = torch.mul(q, x0, out=out)
     r = x.sub_(z)  # r = x - x0 * q
     z = torch.add(r, torch.floor(b / scale), out=z)
@@ -396,8 +446,12 @@ def _log_int_softmax_fast(x: Tensor, scale: Tensor, bits: int) -> Tensor:
     shifted = torch.maximum(shifted, n * x0, out=shifted)
     e = _int_exp_(shifted, x0, scale, n, 0.96963238 / 0.35815147, 1.0 / 0.35815147, out)
     y = _inverse_probabilities(e, out=e)
-    codes = torch.bitwise_right_shift(y.view(torch.int32), 22, out=shifted.view(torch.int32)).bitwise_and_(511)
-    return torch.index_select(_lis_table(bits, y.device), 0, codes.view(-1), out=out.view(-1)).view(x.shape)
+    codes = torch.bitwise_right_shift(
+        y.view(torch.int32), 22, out=shifted.view(torch.int32)
+    ).bitwise_and_(511)
+    return torch.index_select(_lis_table(bits, y.device), 0, codes.view(-1), out=out.view(-1)).view(
+        x.shape
+    )
 
 
 def _log_int_softmax_traced(x: Tensor, scale: Tensor, bits: int) -> Tensor:
@@ -436,7 +490,9 @@ def _inverse_probabilities(e: Tensor, out: Tensor | None = None) -> Tensor:
     return torch.div(e.sum(dim=-1, keepdim=True), e, out=out).round_()
 
 
-@torch.library.custom_op("fqvit::inverse_probabilities", mutates_args=(), tags=(torch.Tag.needs_fixed_stride_order,))
+@torch.library.custom_op(
+    "fqvit::inverse_probabilities", mutates_args=(), tags=(torch.Tag.needs_fixed_stride_order,)
+)
 def _inverse_probabilities_op(e: Tensor) -> Tensor:
     """:func:`_inverse_probabilities` by ATen for a compiled model: the float32 row sum exceeds
     2**24, so its rounding depends on the summation order (and reading ``e`` once here is cheaper
@@ -453,11 +509,15 @@ def _layernorm_row_stats(x_q: Tensor, squares: Tensor, s_min: Tensor) -> tuple[T
     """§7 step 2 on ``x_q`` ``[..., C]`` (``squares = x_q * x_q``): ``(mean, std)``, each ``[..., 1]``."""
     channels = x_q.shape[-1]
     mean = x_q.mean(dim=-1, keepdim=True) * s_min
-    std = (s_min / channels) * torch.sqrt(channels * squares.sum(dim=-1, keepdim=True) - x_q.sum(dim=-1, keepdim=True) ** 2)
+    std = (s_min / channels) * torch.sqrt(
+        channels * squares.sum(dim=-1, keepdim=True) - x_q.sum(dim=-1, keepdim=True) ** 2
+    )
     return mean, std
 
 
-@torch.library.custom_op("fqvit::layernorm_row_stats", mutates_args=(), tags=(torch.Tag.needs_fixed_stride_order,))
+@torch.library.custom_op(
+    "fqvit::layernorm_row_stats", mutates_args=(), tags=(torch.Tag.needs_fixed_stride_order,)
+)
 def _layernorm_row_stats_op(x_q: Tensor, squares: Tensor, s_min: Tensor) -> tuple[Tensor, Tensor]:
     """:func:`_layernorm_row_stats` run by ATen for a compiled model: its float32 sum of squares
     depends on the summation order, and ATen's CPU ``sqrt`` (vectorized math library) is not
@@ -503,18 +563,26 @@ def _floor_log2_thresholds(device: torch.device, window: int = 2048) -> Tensor |
     with torch.no_grad():
         biased = torch.arange(1, 255, dtype=torch.int32, device=device)[:, None]
         steps = torch.arange(window, dtype=torch.int32, device=device)[None, :]
-        tops = (((biased + 1) << 23) - 1 - steps).view(torch.float32)  # descending from the binade's top
+        tops = (((biased + 1) << 23) - 1 - steps).view(
+            torch.float32
+        )  # descending from the binade's top
         bottoms = ((biased << 23) + steps).view(torch.float32)
-        above = torch.floor(torch.log2(tops)) - (biased - 127).float()  # 1: rounded up, 0: the exponent
+        above = (
+            torch.floor(torch.log2(tops)) - (biased - 127).float()
+        )  # 1: rounded up, 0: the exponent
         rounded_up = (above == 1).sum(dim=1)
         top_ones = (above == 1) == (steps < rounded_up[:, None])
-        ok = bool(((above == 0) | (above == 1)).all() and top_ones.all() and (rounded_up < window).all())
+        ok = bool(
+            ((above == 0) | (above == 1)).all() and top_ones.all() and (rounded_up < window).all()
+        )
         ok = ok and bool((torch.floor(torch.log2(bottoms)) == (biased - 127).float()).all())
         if not ok:
             return None
         first_up = tops.gather(1, (rounded_up - 1).clamp(min=0)[:, None].long())[:, 0]
         table = torch.full((256,), float("inf"), device=device)
-        table[1:255] = torch.where(rounded_up > 0, first_up, torch.full_like(first_up, float("inf")))
+        table[1:255] = torch.where(
+            rounded_up > 0, first_up, torch.full_like(first_up, float("inf"))
+        )
     _FLOOR_LOG2_THRESHOLDS[device] = table
     return table
 
@@ -564,15 +632,21 @@ def int_layernorm(
     in_scale = in_scale.reshape(-1)
     if in_scale.numel() not in (1, channels):
         if channels % in_scale.numel():
-            raise ValueError(f"{in_scale.numel()} input scales cannot be tiled over {channels} channels")
+            raise ValueError(
+                f"{in_scale.numel()} input scales cannot be tiled over {channels} channels"
+            )
         in_scale = in_scale.repeat(channels // in_scale.numel())
-    fast = not _needs_autograd(x, in_scale, out_scale, weight, bias) and _all_float32(x, in_scale, out_scale, weight, bias)
+    fast = not _needs_autograd(x, in_scale, out_scale, weight, bias) and _all_float32(
+        x, in_scale, out_scale, weight, bias
+    )
     if not fast:
         x_q = torch.round(x / in_scale)
         s_min = in_scale.min()
         x_q = x_q * torch.round(in_scale / s_min)
         mean = x_q.mean(dim=-1, keepdim=True) * s_min
-        std = (s_min / channels) * torch.sqrt(channels * x_q.pow(2).sum(dim=-1, keepdim=True) - x_q.sum(dim=-1, keepdim=True) ** 2)
+        std = (s_min / channels) * torch.sqrt(
+            channels * x_q.pow(2).sum(dim=-1, keepdim=True) - x_q.sum(dim=-1, keepdim=True) ** 2
+        )
         a = (s_min / std) * weight / out_scale
         sign = torch.sign(a)
         n = torch.clamp(bits - torch.floor(torch.log2(a.abs())), 0, 31)
@@ -585,14 +659,18 @@ def int_layernorm(
     return _int_layernorm_fast(x, in_scale, out_scale, weight, bias, bits)
 
 
-def _int_layernorm_fast(x: Tensor, in_scale: Tensor, out_scale: Tensor, weight: Tensor, bias: Tensor, bits: int) -> Tensor:
+def _int_layernorm_fast(
+    x: Tensor, in_scale: Tensor, out_scale: Tensor, weight: Tensor, bias: Tensor, bits: int
+) -> Tensor:
     """The no-autograd float32 path of :func:`int_layernorm`; ``in_scale`` is already ``[C]`` or ``[1]``."""
     # The same operations in the same order, in place on its own [..., C] tensors (scratch, but
     # ``sign``, which becomes the result); 2**n computed once.
     x_q = torch.div(x, in_scale, out=scratch_like(0, x)).round_()
     s_min = in_scale.min()
     x_q.mul_(torch.round(in_scale / s_min))
-    work = torch.mul(x_q, x_q, out=scratch_like(1, x))  # x_q.pow(2): integers below 2**12, exact either way
+    work = torch.mul(
+        x_q, x_q, out=scratch_like(1, x)
+    )  # x_q.pow(2): integers below 2**12, exact either way
     mean, std = _layernorm_row_stats(x_q, work, s_min)
     a = torch.mul(s_min / std, weight, out=work).div_(out_scale)
     sign = torch.sign(a)
@@ -606,7 +684,9 @@ def _int_layernorm_fast(x: Tensor, in_scale: Tensor, out_scale: Tensor, weight: 
     return y_q.mul_(out_scale)
 
 
-def _int_layernorm_traced(x: Tensor, in_scale: Tensor, out_scale: Tensor, weight: Tensor, bias: Tensor, bits: int) -> Tensor:
+def _int_layernorm_traced(
+    x: Tensor, in_scale: Tensor, out_scale: Tensor, weight: Tensor, bias: Tensor, bits: int
+) -> Tensor:
     """:func:`_int_layernorm_fast` written out of place for torch.compile: the same operations on the
     same operands, with the row statistics taken by ATen (:func:`_layernorm_row_stats_op`)."""
     s_min = in_scale.min()

@@ -22,7 +22,14 @@ from .functional import build_kernel_tables, int_layernorm, log_int_softmax
 from .observers import build_observer
 from .quantizers import build_quantizer
 
-__all__ = ["QuantModule", "QuantAct", "QuantLinear", "QuantConv2d", "QuantLayerNorm", "QuantSoftmax"]
+__all__ = [
+    "QuantModule",
+    "QuantAct",
+    "QuantLinear",
+    "QuantConv2d",
+    "QuantLayerNorm",
+    "QuantSoftmax",
+]
 
 
 def _sync_flags(module: nn.Module, incompatible_keys: Any) -> None:
@@ -60,7 +67,9 @@ class QuantModule(nn.Module):
     def set_quantization(self, enabled: bool) -> None:
         """Switch fake quantization on or off; on requires a calibrated module."""
         if enabled and not self.is_calibrated:
-            raise RuntimeError(f"{self.qname}: cannot quantize before calibration (run fqvit_pl.quant.calibrate first)")
+            raise RuntimeError(
+                f"{self.qname}: cannot quantize before calibration (run fqvit_pl.quant.calibrate first)"
+            )
         self.quant_enabled.fill_(enabled)
         self._quantize = enabled
 
@@ -89,8 +98,12 @@ class QuantAct(QuantModule):
         per_channel = config.granularity == "channel"
         self.config = config
         self.is_weight_point = weight
-        self.observer = build_observer(config.observer, config.bit_type, num_channels, per_channel, weight)
-        self.quantizer = build_quantizer(config.quantizer, config.bit_type, num_channels, per_channel, weight)
+        self.observer = build_observer(
+            config.observer, config.bit_type, num_channels, per_channel, weight
+        )
+        self.quantizer = build_quantizer(
+            config.quantizer, config.bit_type, num_channels, per_channel, weight
+        )
         self.register_buffer("calibrated", torch.zeros((), dtype=torch.bool))
         self._init_quant_state()
         self._calibrated = False
@@ -148,7 +161,11 @@ class QuantAct(QuantModule):
                 self.calibrated.fill_(True)
                 self._calibrated = True
         if self._quantize:
-            if self.is_weight_point and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            if (
+                self.is_weight_point
+                and not torch.is_grad_enabled()
+                and not torch.compiler.is_compiling()
+            ):
                 return self._cached_weight(x)
             return self.quantizer(x)
         return x
@@ -185,7 +202,9 @@ class QuantLinear(nn.Linear):
     The weight point is per output channel (int8, minmax by default); ``x`` is ``[..., in_features]``.
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, config: PointConfig) -> None:
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool = True, *, config: PointConfig
+    ) -> None:
         super().__init__(in_features, out_features, bias)
         self.weight_quant = QuantAct(out_features, config, weight=True)
 
@@ -196,16 +215,31 @@ class QuantLinear(nn.Linear):
 class QuantConv2d(nn.Conv2d):
     """``nn.Conv2d`` (same parameter names) whose weight passes through the point ``weight_quant``."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: Any, stride: Any = 1, padding: Any = 0,
-                 bias: bool = True, *, config: PointConfig) -> None:
-        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=bias)
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: Any,
+        stride: Any = 1,
+        padding: Any = 0,
+        bias: bool = True,
+        *,
+        config: PointConfig,
+    ) -> None:
+        super().__init__(
+            in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=bias
+        )
         self.weight_quant = QuantAct(out_channels, config, weight=True)
 
     def forward(self, x: Tensor) -> Tensor:
         weight = self.weight_quant(self.weight)
-        if self.padding_mode != "zeros" or isinstance(self.padding, str):  # not in our models: inductor's own conv
+        if self.padding_mode != "zeros" or isinstance(
+            self.padding, str
+        ):  # not in our models: inductor's own conv
             return self._conv_forward(x, weight, self.bias)
-        return eager_kernels.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        return eager_kernels.conv2d(
+            x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups
+        )
 
 
 class QuantLayerNorm(nn.LayerNorm, QuantModule):
@@ -226,10 +260,14 @@ class QuantLayerNorm(nn.LayerNorm, QuantModule):
         if enabled and self.integer:
             build_kernel_tables(self.weight.device)  # so that torch.compile finds them
 
-    def forward(self, x: Tensor, in_point: QuantAct | None = None, out_point: QuantAct | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, in_point: QuantAct | None = None, out_point: QuantAct | None = None
+    ) -> Tensor:
         if self._quantize and self.integer:
             if in_point is None or out_point is None:
-                raise RuntimeError(f"{self.qname}: the integer LayerNorm needs its input and output points")
+                raise RuntimeError(
+                    f"{self.qname}: the integer LayerNorm needs its input and output points"
+                )
             return int_layernorm(x, in_point.scale, out_point.scale, self.weight, self.bias)
         return eager_kernels.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
 
@@ -257,14 +295,18 @@ class QuantSoftmax(QuantModule):
     def set_quantization(self, enabled: bool) -> None:
         super().set_quantization(enabled)
         if enabled and self.lis:
-            build_kernel_tables(self.quant_enabled.device, lis_bits=self.bit_type.bits)  # for torch.compile
+            build_kernel_tables(
+                self.quant_enabled.device, lis_bits=self.bit_type.bits
+            )  # for torch.compile
 
     def forward(self, x: Tensor, in_point: QuantAct | None = None) -> Tensor:
         if self.lis:
             ready = in_point is not None and in_point.is_calibrated
             if self._quantize or (self._last_batch and ready):
                 if in_point is None:
-                    raise RuntimeError(f"{self.qname}: Log-Int-Softmax needs the point that quantized its input")
+                    raise RuntimeError(
+                        f"{self.qname}: Log-Int-Softmax needs the point that quantized its input"
+                    )
                 return log_int_softmax(x, in_point.scale, self.bit_type)
             return eager_kernels.softmax(x, dim=-1)
         return self.point(eager_kernels.softmax(x, dim=-1))

@@ -46,7 +46,9 @@ class Observer(nn.Module):
     BATCH_MERGE: ClassVar[dict[str, MergeRule]] = {"min": "min", "max": "max"}
     SEARCH_MERGE: ClassVar[dict[str, MergeRule]] = {}
 
-    def __init__(self, bit_type: BitType, num_channels: int, per_channel: bool, weight: bool = False) -> None:
+    def __init__(
+        self, bit_type: BitType, num_channels: int, per_channel: bool, weight: bool = False
+    ) -> None:
         super().__init__()
         self.bit_type = bit_type
         self.num_channels = num_channels
@@ -101,14 +103,18 @@ class Observer(nn.Module):
         if reducer.distributed:
             finite = bool(reducer.reduce(torch.tensor([float(finite)]), "min").item())
         if not finite:
-            raise ValueError(f"{self.name}: observed NaN or Inf values (input shape {tuple(x.shape)})")
+            raise ValueError(
+                f"{self.name}: observed NaN or Inf values (input shape {tuple(x.shape)})"
+            )
         stats = {key: reducer.reduce(value, self.BATCH_MERGE[key]) for key, value in stats.items()}
         self.fold(stats)
         self.num_batches += 1
 
     def _check_observed(self) -> None:
         if int(self.num_batches) == 0:
-            raise RuntimeError(f"{self.name}: cannot compute quantization parameters before observing any batch")
+            raise RuntimeError(
+                f"{self.name}: cannot compute quantization parameters before observing any batch"
+            )
 
     @torch.no_grad()
     def compute_qparams(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -141,7 +147,9 @@ class PercentileObserver(EmaObserver):
     lower_q: float = 0.00001
     BATCH_MERGE: ClassVar[dict[str, MergeRule]] = {"upper_tail": "cat", "lower_tail": "cat"}
 
-    def __init__(self, bit_type: BitType, num_channels: int, per_channel: bool, weight: bool = False) -> None:
+    def __init__(
+        self, bit_type: BitType, num_channels: int, per_channel: bool, weight: bool = False
+    ) -> None:
         if per_channel:
             raise ValueError("the percentile observer is per tensor only")
         super().__init__(bit_type, num_channels, per_channel, weight)
@@ -176,7 +184,9 @@ class OmseObserver(Observer):
     SEARCH_MERGE: ClassVar[dict[str, MergeRule]] = {"errors": "sum"}
     num_candidates: int = 90
 
-    def __init__(self, bit_type: BitType, num_channels: int, per_channel: bool, weight: bool = False) -> None:
+    def __init__(
+        self, bit_type: BitType, num_channels: int, per_channel: bool, weight: bool = False
+    ) -> None:
         if per_channel or bit_type.signed:
             raise ValueError("the omse observer is per tensor and unsigned (asymmetric) only")
         super().__init__(bit_type, num_channels, per_channel, weight)
@@ -185,7 +195,14 @@ class OmseObserver(Observer):
     def compute_qparams(self, x: Tensor) -> tuple[Tensor, Tensor]:
         self._check_observed()
         channels = self._layout(x).float()
-        choice = omse_search(channels, self.min_val, self.max_val, self.bit_type, self.num_candidates, reducer=get_reducer())
+        choice = omse_search(
+            channels,
+            self.min_val,
+            self.max_val,
+            self.bit_type,
+            self.num_candidates,
+            reducer=get_reducer(),
+        )
         best = choice.index  # first minimum: the earliest candidate wins a tie
         return range_to_qparams(choice.mins[best], choice.maxs[best], self.bit_type)
 
@@ -198,7 +215,9 @@ class PtfObserver(Observer):
 
     SEARCH_MERGE: ClassVar[dict[str, MergeRule]] = {"errors": "sum"}
 
-    def __init__(self, bit_type: BitType, num_channels: int, per_channel: bool = True, weight: bool = False) -> None:
+    def __init__(
+        self, bit_type: BitType, num_channels: int, per_channel: bool = True, weight: bool = False
+    ) -> None:
         if not per_channel or bit_type.signed:
             raise ValueError("the ptf observer is per channel and unsigned only")
         super().__init__(bit_type, num_channels, per_channel, weight)
@@ -215,7 +234,9 @@ class PtfObserver(Observer):
         scales, zero_point = ptf_scales(self.min_val, self.max_val, self.bit_type)
         errors = ptf_channel_errors(channels, scales, zero_point, self.bit_type)
         errors = get_reducer().reduce(errors, self.SEARCH_MERGE["errors"])
-        self.alpha.copy_(torch.argmin(errors, dim=1))  # first minimum: the smallest scale wins a tie
+        self.alpha.copy_(
+            torch.argmin(errors, dim=1)
+        )  # first minimum: the smallest scale wins a tie
         return scales[self.alpha], zero_point.expand(self.num_channels).clone()
 
 
@@ -228,7 +249,9 @@ _OBSERVERS: dict[str, type[Observer]] = {
 }
 
 
-def build_observer(kind: str, bit_type: BitType, num_channels: int, per_channel: bool, weight: bool = False) -> Observer:
+def build_observer(
+    kind: str, bit_type: BitType, num_channels: int, per_channel: bool, weight: bool = False
+) -> Observer:
     """Instantiate the observer named ``kind`` (minmax, ema, percentile, omse, ptf)."""
     if kind not in _OBSERVERS:
         raise ValueError(f"unknown observer {kind!r}; choose one of {tuple(_OBSERVERS)}")

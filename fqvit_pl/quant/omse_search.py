@@ -68,7 +68,14 @@ from .bit_type import BitType
 from .functional import asymmetric_qparams, omse_candidate_errors
 from .reduce import LocalReducer, StatReducer
 
-__all__ = ["BinnedStats", "OmseChoice", "bin_statistics", "error_bounds", "candidate_qparams", "omse_search"]
+__all__ = [
+    "BinnedStats",
+    "OmseChoice",
+    "bin_statistics",
+    "error_bounds",
+    "candidate_qparams",
+    "omse_search",
+]
 
 #: Elements per block of the binning pass: torch runs an op on fewer than 32768 elements on the
 #: calling thread, so the blocks stay in cache and never wait on an OpenMP team (on a busy machine a
@@ -131,7 +138,9 @@ class OmseChoice:
 _WORKSPACE = threading.local()
 
 
-def _reused(name: str, numel: int, device: torch.device, make: Callable[[int], Tensor], least: int) -> Tensor:
+def _reused(
+    name: str, numel: int, device: torch.device, make: Callable[[int], Tensor], least: int
+) -> Tensor:
     """The first ``numel`` elements of a per-thread, per-device tensor ``make(k)`` (``k >= least``), kept."""
     cache = _WORKSPACE.__dict__.setdefault(name, {})
     tensor = cache.get(device)
@@ -142,12 +151,20 @@ def _reused(name: str, numel: int, device: torch.device, make: Callable[[int], T
 
 def _workspace(numel: int, device: torch.device) -> Tensor:
     """A reused int64 scratch tensor of at least ``numel`` elements (fresh MB-sized tensors cost page faults)."""
-    return _reused("scratch", numel, device, lambda k: torch.empty(k, dtype=torch.int64, device=device), 1 << 20)
+    return _reused(
+        "scratch",
+        numel,
+        device,
+        lambda k: torch.empty(k, dtype=torch.int64, device=device),
+        1 << 20,
+    )
 
 
 def _arange(numel: int, device: torch.device) -> Tensor:
     """``torch.arange(numel)`` (int64), cached: a reused, never written prefix of a longer one."""
-    return _reused("ramp", numel, device, lambda k: torch.arange(k, dtype=torch.int64, device=device), 1 << 18)
+    return _reused(
+        "ramp", numel, device, lambda k: torch.arange(k, dtype=torch.int64, device=device), 1 << 18
+    )
 
 
 def _flat_any_order(x: Tensor) -> Tensor:
@@ -159,7 +176,9 @@ def _flat_any_order(x: Tensor) -> Tensor:
     return x.reshape(-1)
 
 
-def bin_statistics(flat: Tensor, lo: float, hi: float, *, max_bin_bits: int = _MAX_BIN_BITS, block: int = _BLOCK) -> BinnedStats | None:
+def bin_statistics(
+    flat: Tensor, lo: float, hi: float, *, max_bin_bits: int = _MAX_BIN_BITS, block: int = _BLOCK
+) -> BinnedStats | None:
     """Bin the float32 values ``flat`` (all in ``[lo, hi]``) on about ``2**max_bin_bits`` bins.
 
     Per element: ``V = (x / w - first) 2**F`` is formed in float64 (``x 2**(F - e)`` exactly, then one
@@ -179,26 +198,43 @@ def bin_statistics(flat: Tensor, lo: float, hi: float, *, max_bin_bits: int = _M
     """
     n = flat.numel()
     size_bits = max(n.bit_length(), 1)  # n < 2**size_bits
-    pack_bits = min(size_bits, _PACK_BITS)  # a packed partial histogram covers < 2**pack_bits elements
+    pack_bits = min(
+        size_bits, _PACK_BITS
+    )  # a packed partial histogram covers < 2**pack_bits elements
     # Moments must fit int64 (with one bit to spare): count*b**2 sums < n 2**(2 bin_bits);
     # frac*b sums < n 2**(frac_bits + bin_bits); the packed frac field < 2**pack_bits 2**frac_bits.
     bin_bits = min(max_bin_bits, max(size_bits + 1, 16), (60 - size_bits) // 2)
     frac_bits = min(24, 62 - 2 * pack_bits, 60 - size_bits - bin_bits)
     if bin_bits < 8 or frac_bits < 4:
         return None
-    count_shift = 62 - pack_bits  # count field above the frac field: < 2**pack_bits * 2**count_shift = 2**62
+    count_shift = (
+        62 - pack_bits
+    )  # count field above the frac field: < 2**pack_bits * 2**count_shift = 2**62
     span = hi - lo
     exponent = math.frexp(span)[1] - bin_bits if span > 0 else math.frexp(max(abs(lo), 1e-30))[1]
-    first = math.floor(lo / 2.0**exponent)  # python floats: exact (power-of-two scaling, far from underflow)
+    first = math.floor(
+        lo / 2.0**exponent
+    )  # python floats: exact (power-of-two scaling, far from underflow)
     bins = math.floor(hi / 2.0**exponent) - first + 2  # one spare bin: V may round up to the end
-    flush_every = 1 << (pack_bits - 1) if n >= 1 << _PACK_BITS else n  # < 2**pack_bits per packed histogram
+    flush_every = (
+        1 << (pack_bits - 1) if n >= 1 << _PACK_BITS else n
+    )  # < 2**pack_bits per packed histogram
     args = (bins, block, exponent, first, frac_bits, bin_bits, count_shift, flush_every)
     count, frac = _bin_blocks(flat, *args)
     return BinnedStats(exponent, first, frac_bits, count.clone(), frac.clone(), n)
 
 
-def _bin_blocks(flat: Tensor, bins: int, block: int, exponent: int, first: int, frac_bits: int, bin_bits: int,
-                count_shift: int, flush_every: int) -> tuple[Tensor, Tensor]:
+def _bin_blocks(
+    flat: Tensor,
+    bins: int,
+    block: int,
+    exponent: int,
+    first: int,
+    frac_bits: int,
+    bin_bits: int,
+    count_shift: int,
+    flush_every: int,
+) -> tuple[Tensor, Tensor]:
     """The count and fraction-sum histograms of ``flat`` (see :func:`bin_statistics`): views of this thread's workspace."""
     n = flat.numel()
     device = flat.device
@@ -212,7 +248,9 @@ def _bin_blocks(flat: Tensor, bins: int, block: int, exponent: int, first: int, 
     u_buf = torch.empty(m0, dtype=torch.int64, device=device)
     i_buf = torch.empty(m0, dtype=torch.int64, device=device)
     scale = 2.0 ** (frac_bits - exponent)
-    direct = 0 <= frac_bits - exponent <= 126  # x * scale is exact in float32 (a power of two, no underflow)
+    direct = (
+        0 <= frac_bits - exponent <= 126
+    )  # x * scale is exact in float32 (a power of two, no underflow)
     offset = float(first) * 2.0**frac_bits  # exact in float64
     # U = round(fl(V - 1/2)) by the float64 "magic number": V - 1/2 + 1.5 * 2**52 lands in [2**52, 2**53),
     # spacing 1, so its bits are bits(1.5 * 2**52) + U (the low 48 bits of the former are 0): no
@@ -285,12 +323,18 @@ def _boundary_edges(stats: BinnedStats, boundary: Tensor) -> tuple[Tensor, Tenso
     lo64 = torch.sub(j, pad).mul_(w)
     hi64 = j.add_(pad).mul_(w)
     lo32, hi32 = lo64.float(), hi64.float()
-    lo32 = torch.where(lo32.double() > lo64, torch.nextafter(lo32, lo32.new_full((), -math.inf)), lo32)
-    hi32 = torch.where(hi32.double() < hi64, torch.nextafter(hi32, hi32.new_full((), math.inf)), hi32)
+    lo32 = torch.where(
+        lo32.double() > lo64, torch.nextafter(lo32, lo32.new_full((), -math.inf)), lo32
+    )
+    hi32 = torch.where(
+        hi32.double() < hi64, torch.nextafter(hi32, hi32.new_full((), math.inf)), hi32
+    )
     return lo32, hi32
 
 
-def error_bounds(stats: BinnedStats, scales: Tensor, zero_points: Tensor, bit_type: BitType) -> tuple[Tensor, Tensor]:
+def error_bounds(
+    stats: BinnedStats, scales: Tensor, zero_points: Tensor, bit_type: BitType
+) -> tuple[Tensor, Tensor]:
     """Bounds ``lo <= E <= hi`` (``[K]`` float64 each) of the full search's float64 error sums ``E``.
 
     ``scales``/``zero_points`` ``[K]`` float32 are the candidates (as the full search forms them);
@@ -298,7 +342,13 @@ def error_bounds(stats: BinnedStats, scales: Tensor, zero_points: Tensor, bit_ty
     ``[0, inf]``. See the module docstring for the proof; the pieces are marked below.
     """
     device = stats.count.device
-    K, n, bins, e, F = scales.numel(), stats.numel, stats.count.numel(), stats.exponent, stats.frac_bits
+    K, n, bins, e, F = (
+        scales.numel(),
+        stats.numel,
+        stats.count.numel(),
+        stats.exponent,
+        stats.frac_bits,
+    )
     w = 2.0**e
     # Exclusive prefix sums (int64, exact) of count, count*b, count*b**2, frac, frac*b: P[:, k] = sum over bins < k.
     # No elementwise op here runs on more than _BLOCK elements (bins in blocks, boundaries by halves):
@@ -339,8 +389,12 @@ def error_bounds(stats: BinnedStats, scales: Tensor, zero_points: Tensor, bit_ty
     bound = torch.empty(2, K, T + 1, dtype=torch.int64, device=device)
     starts, ends = bound[0], bound[1]
     starts[:, 0], ends[:, -1] = 0, bins
-    ends[:, :-1] = bin_of(tau - margin).clamp_(0, bins)  # an empty block below the data is (0, -1) ...
-    starts[:, 1:] = bin_of(tau.add_(margin)).clamp_(-1, bins - 1).add_(1)  # ... and above it (bins, bins - 1)
+    ends[:, :-1] = bin_of(tau - margin).clamp_(
+        0, bins
+    )  # an empty block below the data is (0, -1) ...
+    starts[:, 1:] = (
+        bin_of(tau.add_(margin)).clamp_(-1, bins - 1).add_(1)
+    )  # ... and above it (bins, bins - 1)
     # Blocks must be disjoint and in order; else the candidate is not bounded (never seen: s >> w).
     ordered = (ends >= starts).all(dim=1) & (starts[:, 1:] >= ends[:, :-1]).all(dim=1)
     if not bool(ordered.all()):  # keep the pieces well formed (those candidates are dropped)
@@ -349,13 +403,17 @@ def error_bounds(stats: BinnedStats, scales: Tensor, zero_points: Tensor, bit_ty
     at = torch.empty(5, 2, K, T + 1, dtype=torch.int64, device=device)
     edges, codes = [], []
     for half in range(2):
-        idx = bound[half].reshape(-1).to(torch.int32)  # index_select is several times faster with int32 indices
+        idx = (
+            bound[half].reshape(-1).to(torch.int32)
+        )  # index_select is several times faster with int32 indices
         for r in range(5):
             torch.index_select(prefix[r], 0, idx, out=at[r, half].view(-1))
         lo_edge, hi_edge = _boundary_edges(stats, bound[half])
         edges.append((lo_edge, hi_edge))
         codes.append((_codes(lo_edge, s32, z32, bit_type), _codes(hi_edge, s32, z32, bit_type)))
-    sums = at[:, 1] - at[:, 0]  # [5, K, T+1]: per segment sums of count, count*b, count*b**2, frac, frac*b
+    sums = (
+        at[:, 1] - at[:, 0]
+    )  # [5, K, T+1]: per segment sums of count, count*b, count*b**2, frac, frac*b
     blk_n = (at[0, 0, :, 1:] - at[0, 1, :, :-1]).double()  # [K, T]: count per block
     # q is monotone: every element of a piece [p, p') has a code in [q(L(p)), q(U(p'))]; a segment has one code.
     c0, c1, c2, r0, r1 = sums.unbind(0)
@@ -386,7 +444,9 @@ def error_bounds(stats: BinnedStats, scales: Tensor, zero_points: Tensor, bit_ty
     size = (h1 * m0f).add_(m1f, alpha=2.0).mul_(h1).add_(m2f).mul_(2.0**-46)
     sq_lo = x_lo.clamp(min=0.0).square_().div_(m0f.clamp(min=1.0))
     seg_lo = (base - spread_x).add_(sq_lo).sub_(size).clamp_(min=0.0)
-    seg_hi = base.add_(spread_x).add_(y_w, alpha=2.0)  # + Z's upper bound (1 + ETA) (x_lo + x_w) + 2 ETA M0
+    seg_hi = base.add_(spread_x).add_(
+        y_w, alpha=2.0
+    )  # + Z's upper bound (1 + ETA) (x_lo + x_w) + 2 ETA M0
     seg_hi.add_(x_lo, alpha=1 + ETA).add_(x_w, alpha=1 + ETA).add_(m0f, alpha=2 * ETA).add_(size)
 
     # Blocks: each element's error lies between the extremes of (g_k - x)**2, k in [q(L), q(U)], x in [L, U].
@@ -394,8 +454,10 @@ def error_bounds(stats: BinnedStats, scales: Tensor, zero_points: Tensor, bit_ty
     ql, qu = codes[1][0][:, :-1], codes[0][1][:, 1:]
     lo_x, hi_x = edges[1][0][:, :-1].double(), edges[0][1][:, 1:].double()
     g_lo, g_hi = _dequantize(ql, s32, z32).double(), _dequantize(qu, s32, z32).double()
-    near = torch.minimum(torch.maximum(lo_x - g_lo, g_lo - hi_x).clamp_(min=0.0),
-                         torch.maximum(lo_x - g_hi, g_hi - hi_x).clamp_(min=0.0))
+    near = torch.minimum(
+        torch.maximum(lo_x - g_lo, g_lo - hi_x).clamp_(min=0.0),
+        torch.maximum(lo_x - g_hi, g_hi - hi_x).clamp_(min=0.0),
+    )
     near.mul_(qu - ql < 2)  # some g_k in between: 0
     far = torch.maximum((hi_x - g_lo).abs_(), (g_hi - lo_x).abs_())
     blk_lo = near.square_().mul_(blk_n).sum(dim=1) * (1 - 2.0**-48)
@@ -416,17 +478,26 @@ def error_bounds(stats: BinnedStats, scales: Tensor, zero_points: Tensor, bit_ty
     return lo, hi
 
 
-def candidate_qparams(x: Tensor, min_val: Tensor, max_val: Tensor, bit_type: BitType, num_candidates: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def candidate_qparams(
+    x: Tensor, min_val: Tensor, max_val: Tensor, bit_type: BitType, num_candidates: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(mins, maxs, scales, zero_points)`` ``[K]`` of the candidates for data like ``x``, formed by the full search itself."""
-    _, mins, maxs = omse_candidate_errors(x.new_empty(1, 0), min_val, max_val, bit_type, num_candidates, select=())
+    _, mins, maxs = omse_candidate_errors(
+        x.new_empty(1, 0), min_val, max_val, bit_type, num_candidates, select=()
+    )
     scales, zero_points = asymmetric_qparams(mins, maxs, bit_type)
     return mins, maxs, scales, zero_points
 
 
-def _local_bounds(x: Tensor, scales: Tensor, zero_points: Tensor, bit_type: BitType, min_numel: int) -> tuple[Tensor, Tensor]:
+def _local_bounds(
+    x: Tensor, scales: Tensor, zero_points: Tensor, bit_type: BitType, min_numel: int
+) -> tuple[Tensor, Tensor]:
     """This process's bounds, or ``[0, inf]`` everywhere where bounding does not pay or does not apply."""
     K = scales.numel()
-    trivial = (torch.zeros(K, dtype=torch.float64, device=x.device), torch.full((K,), math.inf, dtype=torch.float64, device=x.device))
+    trivial = (
+        torch.zeros(K, dtype=torch.float64, device=x.device),
+        torch.full((K,), math.inf, dtype=torch.float64, device=x.device),
+    )
     if x.numel() < max(min_numel, 1) or x.dtype != torch.float32 or bit_type.levels > _MAX_LEVELS:
         return trivial
     flat = _flat_any_order(x)
@@ -461,7 +532,9 @@ def omse_search(
     elements skip the bounds (every candidate survives: the full search).
     """
     reducer = reducer if reducer is not None else LocalReducer()
-    mins, maxs, scales, zero_points = candidate_qparams(x, min_val, max_val, bit_type, num_candidates)
+    mins, maxs, scales, zero_points = candidate_qparams(
+        x, min_val, max_val, bit_type, num_candidates
+    )
     with torch.no_grad():
         lo, hi = _local_bounds(x.detach(), scales, zero_points, bit_type, min_numel)
     bounds = reducer.reduce(torch.cat([lo, hi]), "sum")
@@ -476,7 +549,9 @@ def omse_search(
     if chosen.numel() == 1:
         index = int(chosen[0])
     else:
-        errors, _, _ = omse_candidate_errors(x, min_val, max_val, bit_type, num_candidates, chunk, select=chosen.tolist())
+        errors, _, _ = omse_candidate_errors(
+            x, min_val, max_val, bit_type, num_candidates, chunk, select=chosen.tolist()
+        )
         errors = reducer.reduce(errors, "sum")
         if not bool(survivors.all()):
             errors = torch.where(survivors, errors, torch.full_like(errors, math.inf))

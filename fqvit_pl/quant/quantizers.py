@@ -28,7 +28,9 @@ class Quantizer(nn.Module):
 class UniformQuantizer(Quantizer):
     """Uniform affine fake quantization with ``scale``/``zero_point`` buffers (``[C]`` or ``[]``)."""
 
-    def __init__(self, bit_type: BitType, num_channels: int, per_channel: bool, weight: bool = False) -> None:
+    def __init__(
+        self, bit_type: BitType, num_channels: int, per_channel: bool, weight: bool = False
+    ) -> None:
         super().__init__(bit_type)
         self.weight = weight
         shape = (num_channels,) if per_channel else ()
@@ -52,7 +54,9 @@ class Log2Quantizer(Quantizer):
         return log2_fake_quantize(x, self.bit_type)
 
 
-def build_quantizer(kind: str, bit_type: BitType, num_channels: int, per_channel: bool, weight: bool = False) -> Quantizer:
+def build_quantizer(
+    kind: str, bit_type: BitType, num_channels: int, per_channel: bool, weight: bool = False
+) -> Quantizer:
     """Instantiate the quantizer named ``kind`` (uniform, log2)."""
     if kind == "uniform":
         return UniformQuantizer(bit_type, num_channels, per_channel, weight)

@@ -15,7 +15,15 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["MergeRule", "StatReducer", "LocalReducer", "DistributedReducer", "get_reducer", "use_reducer", "merge"]
+__all__ = [
+    "MergeRule",
+    "StatReducer",
+    "LocalReducer",
+    "DistributedReducer",
+    "get_reducer",
+    "use_reducer",
+    "merge",
+]
 
 #: ``min``/``max``/``sum``: elementwise; ``cat``: concatenate 1-D tensors along dim 0 in rank order.
 MergeRule = Literal["min", "max", "sum", "cat"]
@@ -57,7 +65,9 @@ class DistributedReducer(StatReducer):
         self.group = group
         # NCCL only moves CUDA tensors; gloo and others take CPU ones.
         nccl = dist.get_backend(group) == "nccl"
-        self.device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+        self.device = (
+            torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+        )
 
     @property
     def distributed(self) -> bool:

@@ -25,9 +25,31 @@ def test_paired_ratio_is_the_median_of_back_to_back_ratios(bench):
 
 def test_tiny_run_prints_the_tables(bench, capsys, tmp_path):
     out = tmp_path / "raw.json"
-    bench.main(["--models", "deit_tiny", "--img-size", "32", "--batch-size", "2", "--methods", "minmax", "omse",
-                "--reps", "2", "--calib-batches", "2", "--calib-reps", "1", "--no-compile", "--no-memory",
-                "--device", "cpu", "--json", str(out)])
+    bench.main(
+        [
+            "--models",
+            "deit_tiny",
+            "--img-size",
+            "32",
+            "--batch-size",
+            "2",
+            "--methods",
+            "minmax",
+            "omse",
+            "--reps",
+            "2",
+            "--calib-batches",
+            "2",
+            "--calib-reps",
+            "1",
+            "--no-compile",
+            "--no-memory",
+            "--device",
+            "cpu",
+            "--json",
+            str(out),
+        ]
+    )
     report = capsys.readouterr().out
     assert "| deit_tiny | eager |" in report
     assert "| deit_tiny | omse, ptf on |" in report and "| deit_tiny | minmax, ptf off |" in report

@@ -95,8 +95,15 @@ class ValOnlyData(pl.LightningDataModule):
 
 
 def _trainer(**kwargs):
-    kwargs = {"accelerator": "cpu", "devices": 1, "logger": False, "enable_checkpointing": False,
-              "enable_model_summary": False, "enable_progress_bar": False, **kwargs}
+    kwargs = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_model_summary": False,
+        "enable_progress_bar": False,
+        **kwargs,
+    }
     return pl.Trainer(**kwargs)
 
 
@@ -106,7 +113,9 @@ def _input_range_scale(low, high):
 
 def test_validate_calibrates_on_the_calibration_loader_and_quantizes():
     model, callback = ForeignModule(), QuantCalibration()
-    results = _trainer(callbacks=[callback]).validate(model, datamodule=ForeignDataWithCalibration())
+    results = _trainer(callbacks=[callback]).validate(
+        model, datamodule=ForeignDataWithCalibration()
+    )
     assert callback.calibration_count == 1
     assert model.body.inp.observer.num_batches == 3  # every batch of the calibration loader
     torch.testing.assert_close(model.body.inp.scale, _input_range_scale(0.0, 3.0))
@@ -152,8 +161,10 @@ def test_plain_dataloaders_without_datamodule_fall_back_to_them():
 def test_batch_to_input_extracts_from_dict_batches():
     class DictData(pl.LightningDataModule):
         def calibration_dataloader(self):
-            return [{"image": torch.full((2, FEATURES), 2.0), "label": None},
-                    {"image": torch.full((2, FEATURES), -2.0), "label": None}]
+            return [
+                {"image": torch.full((2, FEATURES), 2.0), "label": None},
+                {"image": torch.full((2, FEATURES), -2.0), "label": None},
+            ]
 
         def val_dataloader(self):
             return DataLoader(_data(8, 0.0, 1.0, 3), batch_size=8)
@@ -182,7 +193,9 @@ def test_already_calibrated_model_is_not_recalibrated_unless_asked():
 
 def test_fit_recalibrates_each_validation_epoch_and_trains_in_float(tmp_path):
     model, callback = ForeignModule(), QuantCalibration(num_batches=2)
-    trainer = _trainer(callbacks=[callback], max_epochs=3, limit_train_batches=3, num_sanity_val_steps=1)
+    trainer = _trainer(
+        callbacks=[callback], max_epochs=3, limit_train_batches=3, num_sanity_val_steps=1
+    )
     trainer.fit(model, datamodule=ForeignData())
     assert callback.calibration_count == 3  # one per validation epoch, none for the sanity check
     assert len(model.train_states) == 9
@@ -194,15 +207,22 @@ def test_fit_recalibrates_each_validation_epoch_and_trains_in_float(tmp_path):
 
 def test_checkpoint_of_calibrated_model_validates_identically_without_calibration(tmp_path):
     model = ForeignModule()
-    checkpoint = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, filename="last", enable_version_counter=False)
-    trainer = _trainer(callbacks=[QuantCalibration(num_batches=2), checkpoint], enable_checkpointing=True,
-                       max_epochs=2, limit_train_batches=3)
+    checkpoint = pl.callbacks.ModelCheckpoint(
+        dirpath=tmp_path, filename="last", enable_version_counter=False
+    )
+    trainer = _trainer(
+        callbacks=[QuantCalibration(num_batches=2), checkpoint],
+        enable_checkpointing=True,
+        max_epochs=2,
+        limit_train_batches=3,
+    )
     trainer.fit(model, datamodule=ForeignData())
     fit_acc = float(trainer.callback_metrics["acc"])
 
     restored, callback = ForeignModule(), QuantCalibration()
-    results = _trainer(callbacks=[callback]).validate(restored, datamodule=ForeignData(),
-                                                      ckpt_path=str(tmp_path / "last.ckpt"))
+    results = _trainer(callbacks=[callback]).validate(
+        restored, datamodule=ForeignData(), ckpt_path=str(tmp_path / "last.ckpt")
+    )
     assert callback.calibration_count == 0
     assert results[0]["acc"] == fit_acc
     for name, tensor in model.state_dict().items():  # weights and every calibration buffer
@@ -214,20 +234,32 @@ def test_save_path_checkpoint_evaluates_without_calibration_data(tmp_path):
     path = tmp_path / "calibrated.ckpt"
     model = ForeignModule()
     first = _trainer(callbacks=[QuantCalibration(save_path=str(path))]).validate(
-        model, datamodule=ForeignDataWithCalibration())
+        model, datamodule=ForeignDataWithCalibration()
+    )
     callback = QuantCalibration()
-    again = _trainer(callbacks=[callback]).validate(ForeignModule(), datamodule=ValOnlyData(), ckpt_path=str(path))
+    again = _trainer(callbacks=[callback]).validate(
+        ForeignModule(), datamodule=ValOnlyData(), ckpt_path=str(path)
+    )
     assert callback.calibration_count == 0  # no calibration data needed, no fallback warning
     assert again[0]["acc"] == first[0]["acc"]
 
 
 def test_checkpoint_saved_after_training_steps_is_not_calibrated(tmp_path):
     model, callback = ForeignModule(), QuantCalibration(num_batches=2)
-    checkpoint = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, filename="last", enable_version_counter=False,
-                                              save_on_train_epoch_end=True)
+    checkpoint = pl.callbacks.ModelCheckpoint(
+        dirpath=tmp_path,
+        filename="last",
+        enable_version_counter=False,
+        save_on_train_epoch_end=True,
+    )
     # Validation after the 2nd of 3 training steps; the checkpoint is written after the 3rd.
-    trainer = _trainer(callbacks=[callback, checkpoint], enable_checkpointing=True,
-                       max_epochs=1, limit_train_batches=3, val_check_interval=2)
+    trainer = _trainer(
+        callbacks=[callback, checkpoint],
+        enable_checkpointing=True,
+        max_epochs=1,
+        limit_train_batches=3,
+        val_check_interval=2,
+    )
     trainer.fit(model, datamodule=ForeignData())
     assert callback.calibration_count == 1 and len(model.train_states) == 3
     state = torch.load(tmp_path / "last.ckpt", weights_only=False)["state_dict"]

@@ -12,15 +12,31 @@ from fqvit_pl.callbacks import QuantCalibration, ResultsWriter
 from fqvit_pl.quant import QuantAct, QuantConfig
 from fqvit_pl.results import RESULT_COLUMNS, ResultRow, append_result, format_summary
 
-ROW = ResultRow(model="deit_small", method="minmax", ptf=True, lis=True, bits="8/8/4", top1=78.4012,
-                top5=94.1, calib_seconds=12.34, images_per_s=810.25, num_images=50000)
+ROW = ResultRow(
+    model="deit_small",
+    method="minmax",
+    ptf=True,
+    lis=True,
+    bits="8/8/4",
+    top1=78.4012,
+    top5=94.1,
+    calib_seconds=12.34,
+    images_per_s=810.25,
+    num_images=50000,
+)
 
 
 def test_format_summary():
-    assert format_summary(ROW) == ("deit_small minmax ptf=True lis=True W/A/Attn=8/8/4 top1=78.40 top5=94.10 "
-                                   "calib=12.3s 810.2 img/s")
-    with_fp = ResultRow(**{**ROW.__dict__, "fp_top1": 79.85, "fp_agreement": 96.5, "calib_seconds": None})
-    assert format_summary(with_fp).endswith("fp_top1=79.85 fp_agreement=96.50 calib=n/a 810.2 img/s")
+    assert format_summary(ROW) == (
+        "deit_small minmax ptf=True lis=True W/A/Attn=8/8/4 top1=78.40 top5=94.10 "
+        "calib=12.3s 810.2 img/s"
+    )
+    with_fp = ResultRow(
+        **{**ROW.__dict__, "fp_top1": 79.85, "fp_agreement": 96.5, "calib_seconds": None}
+    )
+    assert format_summary(with_fp).endswith(
+        "fp_top1=79.85 fp_agreement=96.50 calib=n/a 810.2 img/s"
+    )
 
 
 def test_append_result_writes_header_once_and_rows_in_order(tmp_path):
@@ -32,7 +48,12 @@ def test_append_result_writes_header_once_and_rows_in_order(tmp_path):
     assert rows[0] == list(RESULT_COLUMNS)
     assert len(rows) == 3
     first = dict(zip(rows[0], rows[1]))
-    assert (first["model"], first["ptf"], first["top1"], first["num_images"]) == ("deit_small", "True", "78.4012", "50000")
+    assert (first["model"], first["ptf"], first["top1"], first["num_images"]) == (
+        "deit_small",
+        "True",
+        "78.4012",
+        "50000",
+    )
     assert dict(zip(rows[0], rows[2]))["top1"] == ""  # not measured
 
 
@@ -49,7 +70,9 @@ class Scaled(pl.LightningModule):
     def __init__(self):
         super().__init__()
         self.point = QuantAct(2, QuantConfig("minmax", ptf=False, lis=False).point("activation"))
-        self.save_hyperparameters({"model_name": "foreign", "method": "ema", "ptf": False, "lis": False})
+        self.save_hyperparameters(
+            {"model_name": "foreign", "method": "ema", "ptf": False, "lis": False}
+        )
 
     def forward(self, x):
         return self.point(x)
@@ -67,8 +90,13 @@ def _loader(n=10):
 def test_results_writer_on_a_foreign_module_uses_hparams_and_logged_metrics(tmp_path):
     path = tmp_path / "r.csv"
     writer, calibration = ResultsWriter(csv_path=str(path)), QuantCalibration()
-    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-                         callbacks=[calibration, writer])
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[calibration, writer],
+    )
     with pytest.warns(UserWarning, match="evaluation batches"):
         trainer.validate(Scaled(), dataloaders=_loader())
     row = writer.last_row
@@ -95,10 +123,20 @@ def test_results_writer_is_silent_during_fit_unless_asked(tmp_path):
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
-    quiet, loud = ResultsWriter(csv_path=str(tmp_path / "q.csv")), ResultsWriter(csv_path=None, during_fit=True)
-    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-                         enable_checkpointing=False, max_epochs=2, num_sanity_val_steps=1,
-                         callbacks=[QuantCalibration(num_batches=1), quiet, loud])
+    quiet, loud = (
+        ResultsWriter(csv_path=str(tmp_path / "q.csv")),
+        ResultsWriter(csv_path=None, during_fit=True),
+    )
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        max_epochs=2,
+        num_sanity_val_steps=1,
+        callbacks=[QuantCalibration(num_batches=1), quiet, loud],
+    )
     trainer.fit(Trainable(), val_dataloaders=_loader())
     assert quiet.last_row is None and not (tmp_path / "q.csv").exists()
     assert loud.last_row is not None and loud.last_row.stage == "fit"
@@ -106,8 +144,13 @@ def test_results_writer_is_silent_during_fit_unless_asked(tmp_path):
 
 def test_calibration_progress_bar_follows_the_trainer(capsys):
     for enabled in (True, False):
-        trainer = pl.Trainer(accelerator="cpu", logger=False, enable_model_summary=False,
-                             enable_progress_bar=enabled, callbacks=[QuantCalibration(num_batches=2)])
+        trainer = pl.Trainer(
+            accelerator="cpu",
+            logger=False,
+            enable_model_summary=False,
+            enable_progress_bar=enabled,
+            callbacks=[QuantCalibration(num_batches=2)],
+        )
         with pytest.warns(UserWarning):
             trainer.validate(Scaled(), dataloaders=_loader())
         assert ("Calibration" in capsys.readouterr().err) == enabled

@@ -31,7 +31,8 @@ def test_split_sizes_and_partition(digits8):
     assert len(digits8.train_dataset) == N_DIGITS - n_val
     raw = load_digits()
     expected = sorted(
-        tuple(((torch.as_tensor(img, dtype=torch.float32) / 16 - 0.5) / 0.5).flatten().tolist()) + (int(y),)
+        tuple(((torch.as_tensor(img, dtype=torch.float32) / 16 - 0.5) / 0.5).flatten().tolist())
+        + (int(y),)
         for img, y in zip(raw.images, raw.target)
     )
     assert sorted(_rows(digits8.train_dataset) + _rows(digits8.val_dataset)) == expected
@@ -71,7 +72,11 @@ def test_upsampled_images():
 
 
 def test_determinism_and_seed():
-    a, b, c = DigitsDataModule(limit=200), DigitsDataModule(limit=200), DigitsDataModule(limit=200, seed=1)
+    a, b, c = (
+        DigitsDataModule(limit=200),
+        DigitsDataModule(limit=200),
+        DigitsDataModule(limit=200, seed=1),
+    )
     for dm in (a, b, c):
         dm.setup()
     assert torch.equal(a.val_dataset.tensors[1], b.val_dataset.tensors[1])
@@ -97,19 +102,24 @@ def test_limit():
     dm = DigitsDataModule(limit=100, val_fraction=0.25)
     dm.setup()
     assert len(dm.train_dataset) == 75 and len(dm.val_dataset) == 25
-    assert torch.equal(torch.sort(torch.cat([dm.train_dataset.tensors[1], dm.val_dataset.tensors[1]]))[0],
-                       torch.sort(torch.as_tensor(load_digits().target[:100]))[0])
+    assert torch.equal(
+        torch.sort(torch.cat([dm.train_dataset.tensors[1], dm.val_dataset.tensors[1]]))[0],
+        torch.sort(torch.as_tensor(load_digits().target[:100]))[0],
+    )
 
 
-@pytest.mark.parametrize("kwargs,word", [
-    ({"val_fraction": 0.0}, "val_fraction"),
-    ({"val_fraction": 1.0}, "val_fraction"),
-    ({"val_fraction": -0.1}, "val_fraction"),
-    ({"batch_size": 0}, "batch_size"),
-    ({"img_size": 4}, "img_size"),
-    ({"limit": 0}, "limit"),
-    ({"calib_batch_size": 0}, "calib_batch_size"),
-])
+@pytest.mark.parametrize(
+    "kwargs,word",
+    [
+        ({"val_fraction": 0.0}, "val_fraction"),
+        ({"val_fraction": 1.0}, "val_fraction"),
+        ({"val_fraction": -0.1}, "val_fraction"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"img_size": 4}, "img_size"),
+        ({"limit": 0}, "limit"),
+        ({"calib_batch_size": 0}, "calib_batch_size"),
+    ],
+)
 def test_bad_arguments(kwargs, word):
     with pytest.raises(ValueError, match=word):
         DigitsDataModule(**kwargs)
@@ -138,9 +148,16 @@ def test_trainer_smoke():
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
-    trainer = pl.Trainer(max_epochs=1, limit_train_batches=3, limit_val_batches=2, accelerator="cpu",
-                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False)
+    trainer = pl.Trainer(
+        max_epochs=1,
+        limit_train_batches=3,
+        limit_val_batches=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(Linear(), datamodule=DigitsDataModule(img_size=8, limit=300))
     assert "val_acc" in trainer.callback_metrics
 

@@ -46,8 +46,15 @@ def tree(tmp_path):
 
 
 def _dm(root, **kwargs):
-    kwargs = {"img_size": IMG, "batch_size": 4, "num_workers": 0, "calib_batch_size": 2,
-              "num_calib_batches": 3, "pin_memory": False, **kwargs}
+    kwargs = {
+        "img_size": IMG,
+        "batch_size": 4,
+        "num_workers": 0,
+        "calib_batch_size": 2,
+        "num_calib_batches": 3,
+        "pin_memory": False,
+        **kwargs,
+    }
     return ImageNetDataModule(str(root), **kwargs)
 
 
@@ -70,14 +77,19 @@ def test_val_batches_shapes_and_normalization(tree):
     assert x.shape == (4, 3, IMG, IMG) and x.dtype == torch.float32
     assert y.shape == (4,) and y.dtype == torch.int64
     # First val image: colour (10, 60, 30), DeiT mean/std, every pixel.
-    expected = torch.tensor([(c / 255 - m) / s for c, m, s in zip((10, VAL_GREEN, 30), DEIT_MEAN, DEIT_STD)])
+    expected = torch.tensor(
+        [(c / 255 - m) / s for c, m, s in zip((10, VAL_GREEN, 30), DEIT_MEAN, DEIT_STD)]
+    )
     torch.testing.assert_close(x[0], expected.view(3, 1, 1).expand(3, IMG, IMG), rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("model_name,mean,std", [
-    ("vit_base", (0.5,) * 3, (0.5,) * 3),
-    ("swin_tiny_patch4_window7_224.ms_in1k", DEIT_MEAN, DEIT_STD),
-])
+@pytest.mark.parametrize(
+    "model_name,mean,std",
+    [
+        ("vit_base", (0.5,) * 3, (0.5,) * 3),
+        ("swin_tiny_patch4_window7_224.ms_in1k", DEIT_MEAN, DEIT_STD),
+    ],
+)
 def test_model_name_selects_normalization(tree, model_name, mean, std):
     root, _, _ = tree
     dm = _dm(root, model_name=model_name)
@@ -113,7 +125,9 @@ def test_calibration_loader_protocol(tree):
     assert all(green == TRAIN_GREEN for _, green in decoded)  # train split, eval transform
     ids = [ident for ident, _ in decoded]
     # Same order as a DataLoader(shuffle=True) with a generator seeded 0 on the train split.
-    expected = list(RandomSampler(range(len(train)), generator=torch.Generator().manual_seed(0)))[:6]
+    expected = list(RandomSampler(range(len(train)), generator=torch.Generator().manual_seed(0)))[
+        :6
+    ]
     assert ids == expected
     labels = torch.cat([y for _, y in batches]).tolist()
     assert labels == [train[i][0] for i in ids]
@@ -230,13 +244,16 @@ def test_dataset_pickles_for_workers(tree):
         assert clone[0][0].shape == (3, IMG, IMG)
 
 
-@pytest.mark.parametrize("kwargs,word", [
-    ({"model_name": "resnet50"}, "resnet50"),
-    ({"train_transform": "random"}, "train_transform"),
-    ({"batch_size": 0}, "batch_size"),
-    ({"num_calib_batches": 0}, "num_calib_batches"),
-    ({"num_workers": -1}, "num_workers"),
-])
+@pytest.mark.parametrize(
+    "kwargs,word",
+    [
+        ({"model_name": "resnet50"}, "resnet50"),
+        ({"train_transform": "random"}, "train_transform"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"num_calib_batches": 0}, "num_calib_batches"),
+        ({"num_workers": -1}, "num_workers"),
+    ],
+)
 def test_bad_arguments(tree, kwargs, word):
     root, _, _ = tree
     with pytest.raises(ValueError, match=word):
@@ -246,6 +263,12 @@ def test_bad_arguments(tree, kwargs, word):
 def test_arguments_are_cli_configurable():
     parser = ArgumentParser()
     parser.add_class_arguments(ImageNetDataModule, "data")
-    cfg = parser.parse_args(["--data.root=/data/imagenet", "--data.model_name=swin_tiny", "--data.seed=3"])
-    assert cfg.data.root == "/data/imagenet" and cfg.data.model_name == "swin_tiny" and cfg.data.seed == 3
+    cfg = parser.parse_args(
+        ["--data.root=/data/imagenet", "--data.model_name=swin_tiny", "--data.seed=3"]
+    )
+    assert (
+        cfg.data.root == "/data/imagenet"
+        and cfg.data.model_name == "swin_tiny"
+        and cfg.data.seed == 3
+    )
     assert cfg.data.num_calib_batches == 10 and cfg.data.calib_batch_size == 100

@@ -9,7 +9,9 @@ from torch import nn
 
 #: Reduced shapes with the structure of the real networks (same modules, fewer/smaller of them).
 VIT_SMALL = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2)
-SWIN_SMALL = dict(img_size=64, patch_size=4, window_size=4, embed_dim=32, depths=(2, 2), num_heads=(2, 4))
+SWIN_SMALL = dict(
+    img_size=64, patch_size=4, window_size=4, embed_dim=32, depths=(2, 2), num_heads=(2, 4)
+)
 
 
 @torch.no_grad()

@@ -44,7 +44,9 @@ def test_timm_format_swin(tmp_path, timm_model, swin_small):
     reference = timm_model(SWIN, **swin_small)
     path = tmp_path / "swin.safetensors"
     save_file(reference.state_dict(), str(path))
-    _assert_same_float_model(create_model("swin_tiny", model_kwargs=swin_small, checkpoint_path=str(path)), reference, 64)
+    _assert_same_float_model(
+        create_model("swin_tiny", model_kwargs=swin_small, checkpoint_path=str(path)), reference, 64
+    )
 
 
 def test_original_deit_release_format(tmp_path, timm_model, vit_small):
@@ -52,7 +54,9 @@ def test_original_deit_release_format(tmp_path, timm_model, vit_small):
     reference = timm_model(DEIT, **vit_small)
     path = tmp_path / "deit_release.pth"
     torch.save({"model": reference.state_dict(), "epoch": 299}, path)
-    _assert_same_float_model(create_model("deit_tiny", model_kwargs=vit_small, checkpoint_path=path), reference, 32)
+    _assert_same_float_model(
+        create_model("deit_tiny", model_kwargs=vit_small, checkpoint_path=path), reference, 32
+    )
 
 
 def _to_original_swin(state, kwargs):
@@ -63,20 +67,24 @@ def _to_original_swin(state, kwargs):
         if match:
             key = f"layers.{int(match.group(1)) - 1}.downsample.{match.group(2)}"
         elif key.startswith("head.fc."):
-            key = "head." + key[len("head.fc."):]
+            key = "head." + key[len("head.fc.") :]
         original[key] = value
     win = kwargs["window_size"]
     size = kwargs["img_size"] // kwargs["patch_size"]
     cells = torch.arange(win * win)
     rows, cols = cells // win, cells % win
-    index = (rows[:, None] - rows[None, :] + win - 1) * (2 * win - 1) + (cols[:, None] - cols[None, :] + win - 1)
+    index = (rows[:, None] - rows[None, :] + win - 1) * (2 * win - 1) + (
+        cols[:, None] - cols[None, :] + win - 1
+    )
     for stage, depth in enumerate(kwargs["depths"]):
         resolution = size // 2**stage
         for block in range(depth):
             original[f"layers.{stage}.blocks.{block}.attn.relative_position_index"] = index
             if block % 2 and resolution > win:
                 windows = (resolution // win) ** 2
-                original[f"layers.{stage}.blocks.{block}.attn_mask"] = torch.zeros(windows, win * win, win * win)
+                original[f"layers.{stage}.blocks.{block}.attn_mask"] = torch.zeros(
+                    windows, win * win, win * win
+                )
     return original
 
 
@@ -115,7 +123,9 @@ def test_float_checkpoint_discards_calibration(vit_small, timm_model, randomized
 
 
 def _error(path_or_state, name="deit_tiny", kwargs=None):
-    model = create_model(name, model_kwargs=kwargs or {"img_size": 32, "embed_dim": 32, "depth": 1, "num_heads": 1})
+    model = create_model(
+        name, model_kwargs=kwargs or {"img_size": 32, "embed_dim": 32, "depth": 1, "num_heads": 1}
+    )
     with pytest.raises(CheckpointError) as err:
         load_checkpoint(model, path_or_state)
     return str(err.value)
@@ -158,12 +168,19 @@ def test_other_window_size_is_not_silently_resampled(timm_model, swin_small):
 
 def test_other_resolution_is_not_silently_resampled(timm_model, vit_small):
     other = timm_model(DEIT, **{**vit_small, "img_size": 48}).state_dict()
-    assert "pos_embed: checkpoint (1, 37, 64) vs model (1, 17, 64)" in _error(other, kwargs=vit_small)
+    assert "pos_embed: checkpoint (1, 37, 64) vs model (1, 17, 64)" in _error(
+        other, kwargs=vit_small
+    )
 
 
 @pytest.mark.parametrize(
     "content,what",
-    [([1, 2, 3], "a list"), (torch.zeros(3), "a Tensor"), ({}, "an empty mapping"), ({"model": {"a": 1}}, "'a' → int")],
+    [
+        ([1, 2, 3], "a list"),
+        (torch.zeros(3), "a Tensor"),
+        ({}, "an empty mapping"),
+        ({"model": {"a": 1}}, "'a' → int"),
+    ],
 )
 def test_not_a_state_dict(content, what, tmp_path):
     path = tmp_path / "odd.pth"
@@ -185,5 +202,7 @@ def test_unreadable_and_missing_files(tmp_path):
 
 def test_pickled_objects_are_refused(tmp_path):
     path = tmp_path / "object.pth"
-    torch.save({"weights": torch.nn.Linear(2, 2)}, path)  # needs weights_only=False to load: refused
+    torch.save(
+        {"weights": torch.nn.Linear(2, 2)}, path
+    )  # needs weights_only=False to load: refused
     assert "weights_only" in _error(path)

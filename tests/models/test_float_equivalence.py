@@ -14,23 +14,64 @@ TOLERANCE = 1e-4
 
 CASES = [
     # (our name, timm architecture, reduced architecture arguments)
-    ("deit_tiny", "deit_tiny_patch16_224", dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2)),
-    ("vit_base", "vit_base_patch16_224", dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2)),
+    (
+        "deit_tiny",
+        "deit_tiny_patch16_224",
+        dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2),
+    ),
+    (
+        "vit_base",
+        "vit_base_patch16_224",
+        dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2),
+    ),
     ("deit_tiny", "deit_tiny_patch16_224", dict(depth=1)),  # the real 224 geometry, one block
-    ("swin_tiny", "swin_tiny_patch4_window7_224",
-     dict(img_size=64, patch_size=4, window_size=4, embed_dim=32, depths=(2, 2), num_heads=(2, 4))),
+    (
+        "swin_tiny",
+        "swin_tiny_patch4_window7_224",
+        dict(
+            img_size=64, patch_size=4, window_size=4, embed_dim=32, depths=(2, 2), num_heads=(2, 4)
+        ),
+    ),
     # 12x12 grid, window 5: zero padding to whole windows; last stage 3x3 clips the window, no shift.
-    ("swin_small", "swin_small_patch4_window7_224",
-     dict(img_size=48, patch_size=4, window_size=5, embed_dim=32, depths=(2, 2, 2), num_heads=(2, 4, 8))),
+    (
+        "swin_small",
+        "swin_small_patch4_window7_224",
+        dict(
+            img_size=48,
+            patch_size=4,
+            window_size=5,
+            embed_dim=32,
+            depths=(2, 2, 2),
+            num_heads=(2, 4, 8),
+        ),
+    ),
     # 14x14 grid, window 7 (shift 3); 7x7 stage unshifted; merging 7x7 pads to 8x8 (odd resolution)
-    ("swin_base", "swin_base_patch4_window7_224",
-     dict(img_size=56, patch_size=4, window_size=7, embed_dim=16, depths=(2, 2, 2), num_heads=(1, 2, 4))),
+    (
+        "swin_base",
+        "swin_base_patch4_window7_224",
+        dict(
+            img_size=56,
+            patch_size=4,
+            window_size=7,
+            embed_dim=16,
+            depths=(2, 2, 2),
+            num_heads=(1, 2, 4),
+        ),
+    ),
     # the real 224 geometry of swin_tiny (56x56 grid, window 7, unshifted 7x7 last stage), narrower and shallower
-    ("swin_tiny", "swin_tiny_patch4_window7_224", dict(embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 1, 2, 4))),
+    (
+        "swin_tiny",
+        "swin_tiny_patch4_window7_224",
+        dict(embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 1, 2, 4)),
+    ),
 ]
 
 
-@pytest.mark.parametrize("name,arch,kwargs", CASES, ids=["deit", "vit", "deit-224", "swin", "swin-padded", "swin-odd-merge", "swin-224"])
+@pytest.mark.parametrize(
+    "name,arch,kwargs",
+    CASES,
+    ids=["deit", "vit", "deit-224", "swin", "swin-padded", "swin-odd-merge", "swin-224"],
+)
 def test_float_logits_equal_timm(name, arch, kwargs, timm_model):
     reference = timm_model(arch, **kwargs)
     model = create_model(name, model_kwargs=kwargs)
@@ -51,7 +92,9 @@ def test_float_state_dict_keys_are_timms(name, arch, kwargs, timm_model):
     model = create_model(name, model_kwargs=kwargs, num_classes=10)
     quant_prefixes = tuple(m.qname + "." for m in quant_modules(model))
     parameters = {name for name, _ in model.named_parameters()}
-    float_keys = {k for k in model.state_dict() if k in parameters or not k.startswith(quant_prefixes)}
+    float_keys = {
+        k for k in model.state_dict() if k in parameters or not k.startswith(quant_prefixes)
+    }
     assert float_keys == set(reference.state_dict())
     for key, value in reference.state_dict().items():
         assert model.state_dict()[key].shape == value.shape, key
@@ -97,7 +140,9 @@ def test_swin_derived_buffers_match_the_paper(swin_small):
     for stage_index, stage in enumerate(model.layers):
         size = resolution // 2**stage_index
         for block_index, block in enumerate(stage.blocks):
-            assert torch.equal(block.attn.relative_position_index, _original_relative_position_index(win))
+            assert torch.equal(
+                block.attn.relative_position_index, _original_relative_position_index(win)
+            )
             if block_index % 2 and size > win:
                 assert torch.equal(block.attn_mask, _original_shift_mask(size, win, win // 2))
                 assert math.prod(block.attn_mask.shape) == (size // win) ** 2 * win**4

@@ -27,7 +27,9 @@ def test_registry_is_table_11():
     assert list_models() == list(TABLE_11)
     for short, pretrained in TABLE_11.items():
         assert MODELS[short].pretrained_name == pretrained
-        assert timm.models.get_pretrained_cfg(pretrained) is not None  # timm knows the tag (no download)
+        assert (
+            timm.models.get_pretrained_cfg(pretrained) is not None
+        )  # timm knows the tag (no download)
         assert f"{SHORT_NAMES[short]}" == MODELS[short].architecture  # the preprocessing agrees
     assert list_models(architectures=True) == [p.split(".")[0] for p in TABLE_11.values()]
 
@@ -40,14 +42,18 @@ def test_every_architecture_has_timms_parameters(short):
     with torch.device("meta"):
         model = create_model(short)
     ours = model.state_dict()
-    assert {k: ours[k].shape for k in reference if k in ours} == {k: v.shape for k, v in reference.items()}
+    assert {k: ours[k].shape for k in reference if k in ours} == {
+        k: v.shape for k, v in reference.items()
+    }
     extra = set(ours) - set(reference)  # only quantization buffers, never a float parameter
     assert not extra & {name for name, _ in model.named_parameters()}
     assert all(_quant_key(k) for k in extra)
 
 
 def _quant_key(key: str) -> bool:
-    return any(part.endswith("_quant") or part in ("quant_enabled", "softmax") for part in key.split("."))
+    return any(
+        part.endswith("_quant") or part in ("quant_enabled", "softmax") for part in key.split(".")
+    )
 
 
 @pytest.mark.parametrize(
@@ -81,13 +87,29 @@ def test_input_point_only_for_deit_and_swin(vit_small, swin_small):
 
 
 def test_quantization_choices_and_overrides_reach_every_point(vit_small):
-    model = create_model("deit_tiny", model_kwargs=vit_small, method="omse", ptf=False, lis=False,
-                         activation={"bit_type": "uint6"}, softmax={"bit_type": "uint7"})
-    expected = QuantConfig("omse", False, False, {"activation": {"bit_type": "uint6"}, "softmax": {"bit_type": "uint7"}})
+    model = create_model(
+        "deit_tiny",
+        model_kwargs=vit_small,
+        method="omse",
+        ptf=False,
+        lis=False,
+        activation={"bit_type": "uint6"},
+        softmax={"bit_type": "uint7"},
+    )
+    expected = QuantConfig(
+        "omse",
+        False,
+        False,
+        {"activation": {"bit_type": "uint6"}, "softmax": {"bit_type": "uint7"}},
+    )
     assert model.qconfig == expected
     acts = [m for m in quant_modules(model) if isinstance(m, QuantAct)]
-    assert {m.config for m in acts} == {expected.point(role) for role in ("weight", "activation", "ln_input", "softmax")}
-    assert all(m.config.bit_type == get_bit_type("uint6") for m in acts if m.qname.endswith("fc2_quant"))
+    assert {m.config for m in acts} == {
+        expected.point(role) for role in ("weight", "activation", "ln_input", "softmax")
+    }
+    assert all(
+        m.config.bit_type == get_bit_type("uint6") for m in acts if m.qname.endswith("fc2_quant")
+    )
     assert not any(m.integer for m in quant_modules(model) if isinstance(m, QuantLayerNorm))
 
 
@@ -107,7 +129,11 @@ def test_data_config_is_section_10(vit_small):
     assert deit.pretrained_cfg["crop_pct"] == 0.875  # not timm's current 0.9
     assert deit.pretrained_cfg["input_size"] == (3, 32, 32)
     assert deit.pretrained_cfg["mean"] == (0.485, 0.456, 0.406)
-    assert create_model("vit_base", model_kwargs=vit_small).pretrained_cfg["mean"] == (0.5, 0.5, 0.5)
+    assert create_model("vit_base", model_kwargs=vit_small).pretrained_cfg["mean"] == (
+        0.5,
+        0.5,
+        0.5,
+    )
 
 
 @pytest.mark.parametrize("short,kwargs", [("deit_small", "vit_small"), ("swin_tiny", "swin_small")])
@@ -133,7 +159,11 @@ def test_pretrained_copies_timms_weights(short, kwargs, request, monkeypatch, ti
 @pytest.mark.parametrize("shape", [(2, 3, 16, 16), (2, 3, 32, 48), (2, 1, 32, 32), (3, 32, 32)])
 def test_wrong_image_size_names_model_and_sizes(shape, vit_small):
     model = create_model("deit_tiny", model_kwargs=vit_small)
-    with pytest.raises(ValueError, match=r"deit_tiny.*\[B, 3, 32, 32\].*" + str(list(shape)).replace("[", r"\[").replace("]", r"\]")):
+    with pytest.raises(
+        ValueError,
+        match=r"deit_tiny.*\[B, 3, 32, 32\].*"
+        + str(list(shape)).replace("[", r"\[").replace("]", r"\]"),
+    ):
         model(torch.zeros(shape))
 
 

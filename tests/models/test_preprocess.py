@@ -68,7 +68,9 @@ def _step(transform, kind):
     return found[0]
 
 
-@pytest.mark.parametrize("name,crop_pct", [("deit_small", 0.875), ("vit_base", 0.9), ("swin_tiny", 0.9)])
+@pytest.mark.parametrize(
+    "name,crop_pct", [("deit_small", 0.875), ("vit_base", 0.9), ("swin_tiny", 0.9)]
+)
 def test_eval_transform_resize_and_crop(name, crop_pct):
     transform = create_eval_transform(name)
     resize = _step(transform, transforms.Resize)
@@ -82,14 +84,20 @@ def test_eval_transform_resize_and_crop(name, crop_pct):
 
 def test_eval_transform_equals_reference_pipeline():
     rng = np.random.default_rng(0)
-    image = Image.fromarray(rng.integers(0, 256, size=(200, 300, 3), dtype=np.uint8))  # 300 wide, 200 high
+    image = Image.fromarray(
+        rng.integers(0, 256, size=(200, 300, 3), dtype=np.uint8)
+    )  # 300 wide, 200 high
     mean, std = IMAGENET
-    reference = transforms.Compose([
-        transforms.Resize(int(math.floor(224 / 0.875)), interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.CenterCrop(224),
-        transforms.ToTensor(),
-        transforms.Normalize(mean, std),
-    ])
+    reference = transforms.Compose(
+        [
+            transforms.Resize(
+                int(math.floor(224 / 0.875)), interpolation=transforms.InterpolationMode.BICUBIC
+            ),
+            transforms.CenterCrop(224),
+            transforms.ToTensor(),
+            transforms.Normalize(mean, std),
+        ]
+    )
     out = create_eval_transform("deit_tiny_patch16_224.fb_in1k")(image)
     assert out.shape == (3, 224, 224) and out.dtype == torch.float32
     torch.testing.assert_close(out, reference(image), rtol=0, atol=1e-6)
@@ -109,7 +117,10 @@ def test_eval_transform_normalizes_constant_image(name, stats):
 def test_eval_transform_from_config_with_img_size_override():
     config = resolve_data_config("deit_small")
     transform = create_eval_transform(config, img_size=64)
-    assert _step(transform, transforms.Resize).size in (int(math.floor(64 / 0.875)), [int(math.floor(64 / 0.875))])
+    assert _step(transform, transforms.Resize).size in (
+        int(math.floor(64 / 0.875)),
+        [int(math.floor(64 / 0.875))],
+    )
     assert tuple(_step(transform, transforms.CenterCrop).size) == (64, 64)
     out = transform(Image.new("RGB", (100, 80)))
     assert out.shape == (3, 64, 64)
@@ -117,4 +128,11 @@ def test_eval_transform_from_config_with_img_size_override():
 
 def test_eval_transform_rejects_incomplete_config():
     with pytest.raises(ValueError, match="crop_pct"):
-        create_eval_transform({"input_size": (3, 224, 224), "interpolation": "bicubic", "mean": HALF[0], "std": HALF[1]})
+        create_eval_transform(
+            {
+                "input_size": (3, 224, 224),
+                "interpolation": "bicubic",
+                "mean": HALF[0],
+                "std": HALF[1],
+            }
+        )

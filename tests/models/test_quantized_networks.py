@@ -12,23 +12,59 @@ import pytest
 import torch
 
 from fqvit_pl.models import create_model
-from fqvit_pl.quant import QuantAct, QuantConfig, QuantLayerNorm, QuantSoftmax, calibrate, quant_modules
+from fqvit_pl.quant import (
+    QuantAct,
+    QuantConfig,
+    QuantLayerNorm,
+    QuantSoftmax,
+    calibrate,
+    quant_modules,
+)
 
 OUTLIERS = (3, 17)
 #: Outlier channels span 8x the range of the others: the widest ratio PTF's factors 2**0..2**3 cover.
 OUTLIER_GAIN = 8.0
 
 # §6, one entry per quantization point, as (role, what) — counted here independently of the models.
-VIT_STEM = [("activation", "Q_input (DeiT only)"), ("activation", "patch tokens"), ("activation", "class token prepended"),
-            ("activation", "pos_embed"), ("ln_input", "x + pos")]
-VIT_BLOCK = [("activation", "norm1"), ("activation", "qkv"), ("activation", "q@k^T*scale"), ("activation", "p@v"),
-             ("activation", "proj"), ("ln_input", "x + attn"), ("activation", "norm2"), ("activation", "GELU"),
-             ("activation", "fc2"), ("ln_input", "x + mlp")]
+VIT_STEM = [
+    ("activation", "Q_input (DeiT only)"),
+    ("activation", "patch tokens"),
+    ("activation", "class token prepended"),
+    ("activation", "pos_embed"),
+    ("ln_input", "x + pos"),
+]
+VIT_BLOCK = [
+    ("activation", "norm1"),
+    ("activation", "qkv"),
+    ("activation", "q@k^T*scale"),
+    ("activation", "p@v"),
+    ("activation", "proj"),
+    ("ln_input", "x + attn"),
+    ("activation", "norm2"),
+    ("activation", "GELU"),
+    ("activation", "fc2"),
+    ("ln_input", "x + mlp"),
+]
 VIT_HEAD = [("activation", "class token after norm"), ("activation", "logits")]
-SWIN_STEM = [("activation", "Q_input"), ("activation", "patch tokens"), ("activation", "patch norm")]
-SWIN_BLOCK = [("activation", "norm1"), ("activation", "qkv"), ("activation", "q@k^T"), ("activation", "bias table"),
-              ("activation", "a + bias"), ("activation", "p@v"), ("activation", "proj"), ("ln_input", "shortcut + h"),
-              ("activation", "norm2"), ("activation", "GELU"), ("activation", "fc2"), ("ln_input", "x + mlp")]
+SWIN_STEM = [
+    ("activation", "Q_input"),
+    ("activation", "patch tokens"),
+    ("activation", "patch norm"),
+]
+SWIN_BLOCK = [
+    ("activation", "norm1"),
+    ("activation", "qkv"),
+    ("activation", "q@k^T"),
+    ("activation", "bias table"),
+    ("activation", "a + bias"),
+    ("activation", "p@v"),
+    ("activation", "proj"),
+    ("ln_input", "shortcut + h"),
+    ("activation", "norm2"),
+    ("activation", "GELU"),
+    ("activation", "fc2"),
+    ("ln_input", "x + mlp"),
+]
 SWIN_MERGE = [("activation", "merged norm"), ("ln_input", "reduction")]
 SWIN_HEAD = [("activation", "norm"), ("activation", "pool"), ("activation", "logits")]
 
@@ -40,7 +76,12 @@ def _expected_points(family, kwargs, lis):
         weights = 1 + 4 * kwargs["depth"] + 1
     else:
         stages = len(kwargs["depths"])
-        points = SWIN_STEM + (SWIN_BLOCK + softmax) * sum(kwargs["depths"]) + SWIN_MERGE * (stages - 1) + SWIN_HEAD
+        points = (
+            SWIN_STEM
+            + (SWIN_BLOCK + softmax) * sum(kwargs["depths"])
+            + SWIN_MERGE * (stages - 1)
+            + SWIN_HEAD
+        )
         weights = 1 + 4 * sum(kwargs["depths"]) + (stages - 1) + 1
     return points + [("weight", "Linear/Conv2d weight")] * weights
 
@@ -95,7 +136,10 @@ def test_every_section_6_point_is_calibrated_and_quantizing(calibrated):
     config = QuantConfig()  # create_model's defaults: minmax, ptf, lis
     expected = _expected_points("vit" if family == "deit" else "swin", kwargs, lis=True)
     points = _points(model)
-    by_role = {role: [p for p in points if p.config == config.point(role)] for role in ("weight", "activation", "ln_input")}
+    by_role = {
+        role: [p for p in points if p.config == config.point(role)]
+        for role in ("weight", "activation", "ln_input")
+    }
     for role in by_role:
         assert len(by_role[role]) == sum(r == role for r, _ in expected), role
     assert len(points) == len(expected)
@@ -105,7 +149,11 @@ def test_every_section_6_point_is_calibrated_and_quantizing(calibrated):
 
     # every activation and LN-input point outputs values on its integer grid
     outputs = {}
-    hooks = [p.register_forward_hook(lambda m, i, o: outputs.__setitem__(m, o)) for p in points if not p.observer.weight]
+    hooks = [
+        p.register_forward_hook(lambda m, i, o: outputs.__setitem__(m, o))
+        for p in points
+        if not p.observer.weight
+    ]
     with torch.no_grad():
         model(images[:4])
     for hook in hooks:
@@ -191,16 +239,27 @@ def test_ptf_beats_per_tensor_layernorm_inputs_on_outliers(vit_small, randomized
 
 @pytest.mark.parametrize("method", ["minmax", "ema", "percentile", "omse"])
 def test_methods_reach_every_activation_point(method, vit_small, randomized):
-    model, images, float_logits = _calibrated("deit_tiny", vit_small, randomized, method=method, ptf=False, lis=False)
+    model, images, float_logits = _calibrated(
+        "deit_tiny", vit_small, randomized, method=method, ptf=False, lis=False
+    )
     # with ptf and lis off, activations, LN inputs and the softmax output share one configuration
     observers = {True: set(), False: set()}
     for point in _points(model):
         observers[point.observer.weight].add(type(point.observer).__name__)
-    expected = {"minmax": "MinMaxObserver", "ema": "EmaObserver", "percentile": "PercentileObserver", "omse": "OmseObserver"}
+    expected = {
+        "minmax": "MinMaxObserver",
+        "ema": "EmaObserver",
+        "percentile": "PercentileObserver",
+        "omse": "OmseObserver",
+    }
     assert observers == {True: {"MinMaxObserver"}, False: {expected[method]}}
     assert len(_points(model)) == len(_expected_points("vit", vit_small, lis=False))
     assert not any(m.integer for m in quant_modules(model) if isinstance(m, QuantLayerNorm))
-    assert all(p.scale.dim() == 0 for p in _points(model) if p.config.granularity == "tensor" and not p.observer.weight)
+    assert all(
+        p.scale.dim() == 0
+        for p in _points(model)
+        if p.config.granularity == "tensor" and not p.observer.weight
+    )
     with torch.no_grad():
         quantized = model(images)
     assert _closeness(quantized, float_logits)[0] == 1.0

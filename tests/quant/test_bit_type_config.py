@@ -7,11 +7,21 @@ from fqvit_pl.quant import BitType, QuantConfig, get_bit_type
 
 @pytest.mark.parametrize(
     "name, bits, signed, lower, upper",
-    [("uint4", 4, False, 0, 15), ("int8", 8, True, -128, 127), ("uint8", 8, False, 0, 255), ("uint6", 6, False, 0, 63)],
+    [
+        ("uint4", 4, False, 0, 15),
+        ("int8", 8, True, -128, 127),
+        ("uint8", 8, False, 0, 255),
+        ("uint6", 6, False, 0, 63),
+    ],
 )
 def test_bit_type_bounds(name, bits, signed, lower, upper):
     bit_type = get_bit_type(name)
-    assert (bit_type.bits, bit_type.signed, bit_type.lower, bit_type.upper) == (bits, signed, lower, upper)
+    assert (bit_type.bits, bit_type.signed, bit_type.lower, bit_type.upper) == (
+        bits,
+        signed,
+        lower,
+        upper,
+    )
     assert bit_type.name == name
 
 
@@ -26,13 +36,27 @@ def test_table_of_section_2(method):
     both = QuantConfig(method, ptf=True, lis=True)
     neither = QuantConfig(method, ptf=False, lis=False)
     weight = both.point("weight")
-    assert (weight.bit_type.name, weight.observer, weight.granularity, weight.quantizer) == ("int8", "minmax", "channel", "uniform")
+    assert (weight.bit_type.name, weight.observer, weight.granularity, weight.quantizer) == (
+        "int8",
+        "minmax",
+        "channel",
+        "uniform",
+    )
     act = both.point("activation")
-    assert (act.bit_type.name, act.observer, act.granularity, act.quantizer) == ("uint8", method, "tensor", "uniform")
+    assert (act.bit_type.name, act.observer, act.granularity, act.quantizer) == (
+        "uint8",
+        method,
+        "tensor",
+        "uniform",
+    )
     ln = both.point("ln_input")
     assert (ln.bit_type.name, ln.observer, ln.granularity) == ("uint8", "ptf", "channel")
     ln_off = neither.point("ln_input")
-    assert (ln_off.bit_type.name, ln_off.observer, ln_off.granularity) == ("uint8", method, "tensor")
+    assert (ln_off.bit_type.name, ln_off.observer, ln_off.granularity) == (
+        "uint8",
+        method,
+        "tensor",
+    )
     sm = both.point("softmax")
     assert (sm.bit_type.name, sm.observer, sm.quantizer) == ("uint4", "minmax", "log2")
     sm_off = neither.point("softmax")
@@ -41,7 +65,12 @@ def test_table_of_section_2(method):
 
 
 def test_overrides_change_single_fields():
-    cfg = QuantConfig("minmax", ptf=True, lis=True, overrides={"activation": {"bit_type": "uint6"}, "softmax": {"bit_type": "uint8"}})
+    cfg = QuantConfig(
+        "minmax",
+        ptf=True,
+        lis=True,
+        overrides={"activation": {"bit_type": "uint6"}, "softmax": {"bit_type": "uint8"}},
+    )
     assert cfg.point("activation").bit_type == BitType(6, False)
     assert cfg.point("softmax").bit_type == BitType(8, False)
     assert cfg.point("softmax").quantizer == "log2"  # still Log-Int-Softmax, now 8-bit
@@ -58,7 +87,10 @@ def test_overrides_change_single_fields():
         ({"overrides": {"activation": {"bit_type": "float16"}}}, "unknown bit type 'float16'"),
         ({"overrides": {"activation": {"observer": "ptf"}}}, "per channel"),
         ({"overrides": {"weight": {"granularity": "row"}}}, "unknown granularity"),
-        ({"lis": False, "overrides": {"softmax": {"granularity": "channel"}}}, "'softmax' is quantized per tensor"),
+        (
+            {"lis": False, "overrides": {"softmax": {"granularity": "channel"}}},
+            "'softmax' is quantized per tensor",
+        ),
     ],
 )
 def test_bad_config_names_the_problem(kwargs, message):

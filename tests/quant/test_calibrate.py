@@ -74,7 +74,9 @@ def test_parameters_come_from_the_last_batch_and_every_batch_is_observed():
     torch.manual_seed(0)
     model = calibrate(TinyBlock(QuantConfig("minmax")), _batches())
     # minmax sees every batch: the outlier channel of batch 0 sets the weight-free LN-input range.
-    first_fc_out = model.fc.weight_quant.quantizer  # weights: per-channel symmetric minmax of the weight
+    first_fc_out = (
+        model.fc.weight_quant.quantizer
+    )  # weights: per-channel symmetric minmax of the weight
     w = model.fc.weight.detach()
     assert torch.allclose(first_fc_out.scale, w.abs().amax(dim=1) / 127.5)
     assert model.ln_in.observer.num_batches.item() == 3

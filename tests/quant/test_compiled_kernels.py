@@ -8,11 +8,16 @@ floor, powers of two) are checked exhaustively where they could differ.
 """
 
 import torch
+from test_speed_paths import (
+    assert_bits_equal,
+    ln_inputs,
+    ref_int_layernorm,
+    ref_log_int_softmax,
+    scores,
+)
 
 from fqvit_pl.quant import functional as Fq
 from fqvit_pl.quant import get_bit_type
-
-from test_speed_paths import assert_bits_equal, ln_inputs, ref_int_layernorm, ref_log_int_softmax, scores
 
 UINT4 = get_bit_type("uint4")
 
@@ -56,12 +61,19 @@ def test_lis_outputs_from_codes_are_the_table():
     codes = torch.arange(512, dtype=torch.int32)
     for bits in (1, 4, 6):
         assert_bits_equal(Fq._lis_from_codes(codes, bits), Fq._lis_table(bits, codes.device))
-        assert_bits_equal(compiled(lambda c: Fq._lis_from_codes(c, bits))(codes), Fq._lis_table(bits, codes.device))
+        assert_bits_equal(
+            compiled(lambda c: Fq._lis_from_codes(c, bits))(codes),
+            Fq._lis_table(bits, codes.device),
+        )
 
 
 def test_compiled_int_layernorm_is_eager():
     kernel = compiled(lambda *args: Fq.int_layernorm(*args))
-    for shape, channels_in, per_tensor in [((4, 197, 192), 192, False), ((2, 49, 384), 96, False), ((3, 10, 96), 96, True)]:
+    for shape, channels_in, per_tensor in [
+        ((4, 197, 192), 192, False),
+        ((2, 49, 384), 96, False),
+        ((3, 10, 96), 96, True),
+    ]:
         x, s_in, gamma, beta = ln_inputs(shape, channels_in, seed=21, per_tensor=per_tensor)
         x[0, 0] = x[0, 0, 0]  # a constant token: no epsilon, as published (NaN, in every path)
         s_out = torch.tensor(0.0213)
@@ -75,14 +87,21 @@ def test_compiled_int_layernorm_is_eager():
 def test_compiled_kernels_are_eager_on_many_random_inputs():
     """Rare last-bit differences (a ``sqrt`` of another math library, say) show on enough inputs."""
     layernorm = compiled(lambda *args: Fq.int_layernorm(*args))
-    softmax = torch.compile(lambda a, b: Fq.log_int_softmax(a, b, UINT4), fullgraph=True, dynamic=False)
+    softmax = torch.compile(
+        lambda a, b: Fq.log_int_softmax(a, b, UINT4), fullgraph=True, dynamic=False
+    )
     g = torch.Generator().manual_seed(25)
     for seed in range(40):
         x, s_in, gamma, beta = ln_inputs((8, 197, 192), 192, seed=100 + seed)
         s_out = torch.rand((), generator=g) * 0.05 + 0.005
-        scores_x, s = scores((2, 3, 197, 197), float(torch.rand((), generator=g)) * 0.1 + 0.002, seed=200 + seed)
+        scores_x, s = scores(
+            (2, 3, 197, 197), float(torch.rand((), generator=g)) * 0.1 + 0.002, seed=200 + seed
+        )
         with torch.inference_mode():
-            assert_bits_equal(layernorm(x, s_in, s_out, gamma, beta), Fq.int_layernorm(x, s_in, s_out, gamma, beta))
+            assert_bits_equal(
+                layernorm(x, s_in, s_out, gamma, beta),
+                Fq.int_layernorm(x, s_in, s_out, gamma, beta),
+            )
             assert_bits_equal(softmax(scores_x, s), Fq.log_int_softmax(scores_x, s, UINT4))
 
 
@@ -95,7 +114,10 @@ def test_compiled_int_layernorm_sums_squares_in_eager_order():
     assert float((torch.round(x / 0.004) ** 2).sum(-1).max()) > 2**26
     kernel = compiled(lambda *args: Fq.int_layernorm(*args))
     with torch.inference_mode():
-        assert_bits_equal(kernel(x, s_in, torch.tensor(0.05), gamma, beta), Fq.int_layernorm(x, s_in, torch.tensor(0.05), gamma, beta))
+        assert_bits_equal(
+            kernel(x, s_in, torch.tensor(0.05), gamma, beta),
+            Fq.int_layernorm(x, s_in, torch.tensor(0.05), gamma, beta),
+        )
 
 
 def test_compiled_log_int_softmax_is_eager():
@@ -116,12 +138,20 @@ def test_row_ops_are_the_eager_reductions():
     s_min = torch.tensor(0.013)
     mean, std = torch.ops.fqvit.layernorm_row_stats(x, x * x, s_min)
     assert_bits_equal(mean, x.mean(-1, keepdim=True) * s_min)
-    assert_bits_equal(std, (s_min / 385) * torch.sqrt(385 * (x * x).sum(-1, keepdim=True) - x.sum(-1, keepdim=True) ** 2))
+    assert_bits_equal(
+        std,
+        (s_min / 385)
+        * torch.sqrt(385 * (x * x).sum(-1, keepdim=True) - x.sum(-1, keepdim=True) ** 2),
+    )
     e = torch.floor(torch.rand(3, 7, 385) * 2**30)
     e[0, 0, :3] = 0.0  # y infinite
-    assert_bits_equal(torch.ops.fqvit.inverse_probabilities(e), torch.round(e.sum(-1, keepdim=True) / e))
+    assert_bits_equal(
+        torch.ops.fqvit.inverse_probabilities(e), torch.round(e.sum(-1, keepdim=True) / e)
+    )
     checks = ("test_schema", "test_faketensor")
-    torch.library.opcheck(torch.ops.fqvit.layernorm_row_stats.default, (x, x * x, s_min), test_utils=checks)
+    torch.library.opcheck(
+        torch.ops.fqvit.layernorm_row_stats.default, (x, x * x, s_min), test_utils=checks
+    )
     torch.library.opcheck(torch.ops.fqvit.inverse_probabilities.default, (e,), test_utils=checks)
 
 
@@ -134,7 +164,13 @@ def test_layernorm_power_is_the_log2_formula_for_every_float():
     bits = bits[(bits >= 0) & (bits <= 0x7F800000)]
     g = torch.Generator().manual_seed(24)
     magnitudes = 10.0 ** torch.randint(-44, 39, (200_000,), generator=g).float()
-    a = torch.cat([bits.view(torch.float32), torch.rand(200_000, generator=g) * magnitudes, torch.tensor([0.0, 1e-45, 1e-39, float("inf")])])
+    a = torch.cat(
+        [
+            bits.view(torch.float32),
+            torch.rand(200_000, generator=g) * magnitudes,
+            torch.tensor([0.0, 1e-45, 1e-39, float("inf")]),
+        ]
+    )
     assert Fq._floor_log2_thresholds(a.device) is not None
     for n_bits in (7, 3, 20):
         expected = torch.exp2(torch.clamp(n_bits - torch.floor(torch.log2(a)), 0, 31))

@@ -7,12 +7,13 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from test_calibrate import TinyBlock  # noqa: E402  (tests/quant is on sys.path under pytest's rootdir mode)
 
 from fqvit_pl.quant import QuantConfig, calibrate, calibration_checksum
 
-from test_calibrate import TinyBlock  # noqa: E402  (tests/quant is on sys.path under pytest's rootdir mode)
-
-CASES = [(method, True, True) for method in ("minmax", "ema", "percentile", "omse")] + [("omse", False, False)]
+CASES = [(method, True, True) for method in ("minmax", "ema", "percentile", "omse")] + [
+    ("omse", False, False)
+]
 GLOBAL_BATCH = 6  # divisible by 2 and 3
 
 
@@ -45,14 +46,21 @@ def _worker(rank: int, world: int, port: int, out_dir: str, uneven: bool) -> Non
             except RuntimeError as err:
                 torch.save({"error": str(err)}, os.path.join(out_dir, f"{method}-{ptf}-{rank}.pt"))
                 continue
-            torch.save({"state": model.state_dict(), "checksum": calibration_checksum(model)},
-                       os.path.join(out_dir, f"{method}-{ptf}-{rank}.pt"))
+            torch.save(
+                {"state": model.state_dict(), "checksum": calibration_checksum(model)},
+                os.path.join(out_dir, f"{method}-{ptf}-{rank}.pt"),
+            )
     finally:
         dist.destroy_process_group()
 
 
 def _run(world: int, tmp_path, uneven: bool = False) -> None:
-    mp.start_processes(_worker, args=(world, _free_port(), str(tmp_path), uneven), nprocs=world, start_method="spawn")
+    mp.start_processes(
+        _worker,
+        args=(world, _free_port(), str(tmp_path), uneven),
+        nprocs=world,
+        start_method="spawn",
+    )
 
 
 @pytest.mark.parametrize("world", [2, 3])

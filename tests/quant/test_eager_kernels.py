@@ -8,11 +8,10 @@ bit (before them a compiled deit_tiny's logits differed from eager in about half
 import pytest
 import torch
 import torch.nn.functional as F
+from test_speed_paths import TINY, assert_bits_equal
 
 from fqvit_pl.models import create_model
 from fqvit_pl.quant import calibrate, disable_quantization, eager_kernels
-
-from test_speed_paths import TINY, assert_bits_equal
 
 
 def compiled(fn):
@@ -28,10 +27,19 @@ def cases():
     return [
         ("gelu", eager_kernels.gelu, (x,), F.gelu(x)),
         ("softmax", lambda t: eager_kernels.softmax(t, dim=-1), (x,), x.softmax(dim=-1)),
-        ("layer_norm", lambda t: eager_kernels.layer_norm(t, (40,), gamma, beta, 1e-6), (x,), F.layer_norm(x, (40,), gamma, beta, 1e-6)),
+        (
+            "layer_norm",
+            lambda t: eager_kernels.layer_norm(t, (40,), gamma, beta, 1e-6),
+            (x,),
+            F.layer_norm(x, (40,), gamma, beta, 1e-6),
+        ),
         ("mean", lambda t: eager_kernels.mean(t, dim=1), (x,), x.mean(dim=1)),
-        ("conv2d", lambda t: eager_kernels.conv2d(t, weight, None, (4, 4), (1, 1), (1, 1), 1), (image,),
-         F.conv2d(image, weight, None, 4, 1)),
+        (
+            "conv2d",
+            lambda t: eager_kernels.conv2d(t, weight, None, (4, 4), (1, 1), (1, 1), 1),
+            (image,),
+            F.conv2d(image, weight, None, 4, 1),
+        ),
     ]
 
 
@@ -49,7 +57,10 @@ def test_custom_ops_pass_opcheck():
         (torch.ops.fqvit.softmax.default, (x, -1)),
         (torch.ops.fqvit.layer_norm.default, (x, [6], None, None, 1e-5)),
         (torch.ops.fqvit.mean.default, (x, 1)),
-        (torch.ops.fqvit.conv2d.default, (image, weight, torch.zeros(3), [2, 2], [0, 0], [1, 1], 1)),
+        (
+            torch.ops.fqvit.conv2d.default,
+            (image, weight, torch.zeros(3), [2, 2], [0, 0], [1, 1], 1),
+        ),
     ]:
         torch.library.opcheck(op, args, test_utils=checks)
 
@@ -62,11 +73,25 @@ def traced_float_ops(model, images):
     def backend(gm, example_inputs):
         for node in gm.graph.nodes:
             target = node.target
-            if node.op == "call_function" and str(target).startswith("fqvit.") and not str(target).startswith(
-                    ("fqvit.layernorm_row_stats", "fqvit.inverse_probabilities")):
+            if (
+                node.op == "call_function"
+                and str(target).startswith("fqvit.")
+                and not str(target).startswith(
+                    ("fqvit.layernorm_row_stats", "fqvit.inverse_probabilities")
+                )
+            ):
                 found.append(str(target))
-            elif node.op == "call_function" and target in (F.gelu, torch._C._nn.gelu, F.layer_norm, torch.layer_norm,
-                                                          F.softmax, torch.softmax, torch.mean, F.conv2d, torch.conv2d):
+            elif node.op == "call_function" and target in (
+                F.gelu,
+                torch._C._nn.gelu,
+                F.layer_norm,
+                torch.layer_norm,
+                F.softmax,
+                torch.softmax,
+                torch.mean,
+                F.conv2d,
+                torch.conv2d,
+            ):
                 found.append(f"other {target}")
             elif node.op == "call_method" and node.target in ("softmax", "mean"):
                 found.append(f"other .{node.target}")
@@ -78,11 +103,19 @@ def traced_float_ops(model, images):
     return set(found)
 
 
-@pytest.mark.parametrize("name, ptf, lis, expected", [
-    ("deit_tiny", True, True, {"fqvit.conv2d", "fqvit.gelu"}),
-    ("deit_tiny", False, False, {"fqvit.conv2d", "fqvit.gelu", "fqvit.layer_norm", "fqvit.softmax"}),
-    ("swin_tiny", True, True, {"fqvit.conv2d", "fqvit.gelu", "fqvit.mean"}),
-])
+@pytest.mark.parametrize(
+    "name, ptf, lis, expected",
+    [
+        ("deit_tiny", True, True, {"fqvit.conv2d", "fqvit.gelu"}),
+        (
+            "deit_tiny",
+            False,
+            False,
+            {"fqvit.conv2d", "fqvit.gelu", "fqvit.layer_norm", "fqvit.softmax"},
+        ),
+        ("swin_tiny", True, True, {"fqvit.conv2d", "fqvit.gelu", "fqvit.mean"}),
+    ],
+)
 def test_models_run_every_float_operation_through_the_wrappers(name, ptf, lis, expected):
     torch.manual_seed(0)
     model = create_model(name, method="minmax", ptf=ptf, lis=lis, model_kwargs=TINY[name]).eval()
@@ -91,8 +124,12 @@ def test_models_run_every_float_operation_through_the_wrappers(name, ptf, lis, e
     calibrate(model, [images])
     assert traced_float_ops(model, images) == expected
     disable_quantization(model)  # the float model
-    assert traced_float_ops(model, images) == {"fqvit.conv2d", "fqvit.gelu", "fqvit.layer_norm", "fqvit.softmax"} | (
-        {"fqvit.mean"} if name == "swin_tiny" else set())
+    assert traced_float_ops(model, images) == {
+        "fqvit.conv2d",
+        "fqvit.gelu",
+        "fqvit.layer_norm",
+        "fqvit.softmax",
+    } | ({"fqvit.mean"} if name == "swin_tiny" else set())
 
 
 def test_compiled_quantized_model_is_the_eager_model():

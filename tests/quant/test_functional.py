@@ -34,7 +34,9 @@ def test_asymmetric_range_by_hand():
     assert zp.item() == 64  # round(255 / 4) = round(63.75)
     x_hat = Fq.fake_quantize(torch.tensor([1.0, 100.0, -5.0]), scale, zp, UINT8)
     # 1/(4/255) + 64 = 127.75 -> 128; the others clip to 255 and 0.
-    assert x_hat.tolist() == pytest.approx([(128 - 64) * 4 / 255, (255 - 64) * 4 / 255, (0 - 64) * 4 / 255])
+    assert x_hat.tolist() == pytest.approx(
+        [(128 - 64) * 4 / 255, (255 - 64) * 4 / 255, (0 - 64) * 4 / 255]
+    )
 
 
 def test_symmetric_divisor_is_127_5():
@@ -50,7 +52,9 @@ def test_constant_range_gives_eps_scale():
 
 
 def test_round_half_to_even():
-    x_hat = Fq.fake_quantize(torch.tensor([0.5, 1.5, 2.5]), torch.tensor(1.0), torch.tensor(0.0), UINT8)
+    x_hat = Fq.fake_quantize(
+        torch.tensor([0.5, 1.5, 2.5]), torch.tensor(1.0), torch.tensor(0.0), UINT8
+    )
     assert x_hat.tolist() == [0.0, 2.0, 2.0]
 
 
@@ -76,9 +80,13 @@ def test_omse_errors_are_sums_of_squared_errors():
         lo, hi = -0.37 * (1 - 0.01 * i), 2.1 * (1 - 0.01 * i)
         s = (hi - lo) / 255
         z = min(max(-round(lo / s), 0), 255)
-        expected = sum(((min(max(round(v / s + z), 0), 255) - z) * s - v) ** 2 for v in x.reshape(-1).tolist())
+        expected = sum(
+            ((min(max(round(v / s + z), 0), 255) - z) * s - v) ** 2 for v in x.reshape(-1).tolist()
+        )
         assert mins[i].item() == pytest.approx(lo) and maxs[i].item() == pytest.approx(hi)
-        assert errors[i].item() == pytest.approx(expected, rel=1e-3)  # float32 rounding of tiny errors
+        assert errors[i].item() == pytest.approx(
+            expected, rel=1e-3
+        )  # float32 rounding of tiny errors
 
 
 def test_ptf_candidates_are_powers_of_two():
@@ -129,7 +137,12 @@ def _lis_transcription(row: np.ndarray, s: float, bits: int) -> list:
 
 def test_log_int_softmax_against_the_contract():
     s = 0.0625  # exact in binary, so both sides see identical integers
-    rows = torch.tensor([[0.0, -0.5, -1.0, -3.0, 2.0, -6.0, 1.0, 0.25], [4.0, 4.0, 3.9375, -10.0, -2.0, 0.0, 1.0, 3.0]])
+    rows = torch.tensor(
+        [
+            [0.0, -0.5, -1.0, -3.0, 2.0, -6.0, 1.0, 0.25],
+            [4.0, 4.0, 3.9375, -10.0, -2.0, 0.0, 1.0, 3.0],
+        ]
+    )
     out = Fq.log_int_softmax(rows, torch.tensor(s), UINT4)
     for row, got in zip(rows.numpy(), out):
         assert got.tolist() == _lis_transcription(row, s, 4)
@@ -142,7 +155,9 @@ def test_log_int_softmax_properties():
     out = Fq.log_int_softmax(x, s, UINT4)
     nonzero = out[out > 0]
     exponents = -torch.log2(nonzero)
-    assert torch.equal(exponents, exponents.round()) and exponents.min() >= 0 and exponents.max() <= 15
+    assert (
+        torch.equal(exponents, exponents.round()) and exponents.min() >= 0 and exponents.max() <= 15
+    )
     assert (nonzero >= 2.0**-15).all()
     # The row maximum gets the row's largest output; it maps to 1 where it dominates.
     argmax = x.argmax(dim=-1, keepdim=True)
@@ -157,7 +172,9 @@ def test_log_int_softmax_properties():
     assert Fq.log_int_softmax(far, torch.tensor(0.125), get_bit_type("uint8"))[0, 1].item() > 0
 
 
-def _int_layernorm_transcription(x: np.ndarray, s_in: np.ndarray, s_out: float, gamma: np.ndarray, beta: np.ndarray) -> np.ndarray:
+def _int_layernorm_transcription(
+    x: np.ndarray, s_in: np.ndarray, s_out: float, gamma: np.ndarray, beta: np.ndarray
+) -> np.ndarray:
     """§7 step by step for one token, in float32, with explicit loops."""
     f32 = np.float32
     C = x.shape[0]
@@ -188,7 +205,9 @@ def test_int_layernorm_against_the_contract_and_float():
     s_out = 0.03
     got = Fq.int_layernorm(x, s_in, torch.tensor(s_out), gamma, beta)
     for token, row in zip(x.numpy(), got.numpy()):
-        expected = _int_layernorm_transcription(token, s_in.numpy(), s_out, gamma.numpy(), beta.numpy())
+        expected = _int_layernorm_transcription(
+            token, s_in.numpy(), s_out, gamma.numpy(), beta.numpy()
+        )
         np.testing.assert_array_equal(row, expected)
     # Against float LayerNorm: the error is the output rounding (s_out/2) plus M's 8-bit precision.
     reference = torch.nn.functional.layer_norm(x, (C,), gamma, beta, eps=0.0)
@@ -206,4 +225,7 @@ def test_int_layernorm_tiles_scales_for_patch_merging():
     got = Fq.int_layernorm(x, s_in, torch.tensor(0.05), gamma, beta)
     assert torch.equal(got, Fq.int_layernorm(x, tiled, torch.tensor(0.05), gamma, beta))
     for token, row in zip(x.numpy(), got.numpy()):
-        np.testing.assert_array_equal(row, _int_layernorm_transcription(token, tiled.numpy(), 0.05, gamma.numpy(), beta.numpy()))
+        np.testing.assert_array_equal(
+            row,
+            _int_layernorm_transcription(token, tiled.numpy(), 0.05, gamma.numpy(), beta.numpy()),
+        )

@@ -29,7 +29,10 @@ def test_minmax_per_channel_and_per_tensor():
     for obs in (per_channel, per_tensor):
         obs.update(a)
         obs.update(b)
-    assert per_channel.min_val.tolist() == [-1.0, -2.0] and per_channel.max_val.tolist() == [3.0, 4.0]
+    assert per_channel.min_val.tolist() == [-1.0, -2.0] and per_channel.max_val.tolist() == [
+        3.0,
+        4.0,
+    ]
     assert per_tensor.min_val.item() == -2.0 and per_tensor.max_val.item() == 4.0
     scale, zp = per_tensor.compute_qparams(b)
     assert scale.item() == pytest.approx(6 / 255) and zp.item() == round(2 / (6 / 255))
@@ -82,10 +85,15 @@ def test_percentile_uses_batch_quantiles_then_ema():
     hi = lo = None
     for batch in batches:
         obs.update(batch)
-        b_hi, b_lo = torch.quantile(batch.reshape(-1), 0.99999).item(), torch.quantile(batch.reshape(-1), 0.00001).item()
+        b_hi, b_lo = (
+            torch.quantile(batch.reshape(-1), 0.99999).item(),
+            torch.quantile(batch.reshape(-1), 0.00001).item(),
+        )
         hi = b_hi if hi is None else hi + 0.01 * (b_hi - hi)
         lo = b_lo if lo is None else lo + 0.01 * (b_lo - lo)
-    assert obs.max_val.item() == pytest.approx(hi, rel=1e-6) and obs.min_val.item() == pytest.approx(lo, rel=1e-6)
+    assert obs.max_val.item() == pytest.approx(
+        hi, rel=1e-6
+    ) and obs.min_val.item() == pytest.approx(lo, rel=1e-6)
 
 
 def test_percentile_beyond_torch_quantile_limit():
@@ -104,7 +112,9 @@ def test_percentile_beyond_torch_quantile_limit():
 def _omse_transcription(last: np.ndarray, lo: float, hi: float) -> tuple:
     best, best_err = None, None
     for i in range(90):
-        s, z = _asym(np.float32(lo * np.float32(1 - 0.01 * i)), np.float32(hi * np.float32(1 - 0.01 * i)))
+        s, z = _asym(
+            np.float32(lo * np.float32(1 - 0.01 * i)), np.float32(hi * np.float32(1 - 0.01 * i))
+        )
         err = np.mean(((np.clip(np.round(last / s + z), 0, 255) - z) * s - last) ** 2)
         if best_err is None or err < best_err:
             best, best_err = (s, z), err
@@ -162,7 +172,10 @@ def _ptf_transcription(last: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> list
     alphas = []
     for c in range(last.shape[-1]):
         v = last[..., c].reshape(-1)
-        errs = [np.mean(((np.clip(np.round(v / s + z), 0, 255) - z) * s - v) ** 2) for s in (s8 / 8, s8 / 4, s8 / 2, s8)]
+        errs = [
+            np.mean(((np.clip(np.round(v / s + z), 0, 255) - z) * s - v) ** 2)
+            for s in (s8 / 8, s8 / 4, s8 / 2, s8)
+        ]
         alphas.append(int(np.argmin(errs)))
     return alphas
 
@@ -186,7 +199,9 @@ def test_merge_rules_are_declared():
     assert MinMaxObserver.BATCH_MERGE == {"min": "min", "max": "max"}
     assert EmaObserver.BATCH_MERGE == {"min": "min", "max": "max"}
     assert set(PercentileObserver.BATCH_MERGE.values()) == {"cat"}
-    assert OmseObserver.SEARCH_MERGE == {"errors": "sum"} and PtfObserver.SEARCH_MERGE == {"errors": "sum"}
+    assert OmseObserver.SEARCH_MERGE == {"errors": "sum"} and PtfObserver.SEARCH_MERGE == {
+        "errors": "sum"
+    }
 
 
 def test_bad_inputs_name_the_observer():
@@ -194,7 +209,9 @@ def test_bad_inputs_name_the_observer():
     obs.name = "blocks.0.norm_in"
     with pytest.raises(ValueError, match=r"blocks\.0\.norm_in: observed NaN or Inf"):
         obs.update(torch.tensor([[1.0, float("nan"), 0.0, 0.0]]))
-    with pytest.raises(ValueError, match=r"blocks\.0\.norm_in: cannot lay out an activation of rank 5"):
+    with pytest.raises(
+        ValueError, match=r"blocks\.0\.norm_in: cannot lay out an activation of rank 5"
+    ):
         obs.update(torch.zeros(1, 1, 1, 1, 4))
     with pytest.raises(ValueError, match="expected 4 channels, got 3"):
         obs.update(torch.zeros(2, 3))

@@ -38,7 +38,9 @@ def _data(kind: str, n: int, seed: int) -> torch.Tensor:
     if kind == "gelu":
         return torch.nn.functional.gelu(z * 2)
     if kind == "softmax":  # in [0, 1], most of the mass near 0
-        return torch.softmax(z.reshape(-1, 1) if n < 8 else z.reshape(-1, math.gcd(n, 64)), dim=-1).reshape(-1)
+        return torch.softmax(
+            z.reshape(-1, 1) if n < 8 else z.reshape(-1, math.gcd(n, 64)), dim=-1
+        ).reshape(-1)
     if kind == "duplicates":  # few distinct values, each many times
         return torch.linspace(-1.3, 2.9, 37)[torch.randint(0, 37, (n,), generator=g)]
     if kind == "constant":
@@ -57,15 +59,31 @@ def _data(kind: str, n: int, seed: int) -> torch.Tensor:
         return z * 1e-6
     if kind == "huge":  # bins wider than 1: the float64 binning path
         return z * 3e6
-    if kind == "subnormal_neg":  # values next to 0 on both sides, where the binning's floor is delicate
+    if (
+        kind == "subnormal_neg"
+    ):  # values next to 0 on both sides, where the binning's floor is delicate
         v = z * 1e-3
         v[: n // 3] = -torch.rand(n // 3, generator=g) * 1e-38
         return v
     raise ValueError(kind)
 
 
-KINDS = ["normal", "cubed", "gelu", "softmax", "duplicates", "constant", "zeros", "two_values", "integers",
-         "negative", "positive", "tiny", "huge", "subnormal_neg"]
+KINDS = [
+    "normal",
+    "cubed",
+    "gelu",
+    "softmax",
+    "duplicates",
+    "constant",
+    "zeros",
+    "two_values",
+    "integers",
+    "negative",
+    "positive",
+    "tiny",
+    "huge",
+    "subnormal_neg",
+]
 
 
 def _full(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bit_type=UINT8):
@@ -86,7 +104,9 @@ def _check(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bit_type=UINT8) 
     """Bounds hold; the pruned choice is the full search's; returns (survivors, bound widths)."""
     errors, mins, maxs = _full(x, lo, hi, bit_type)
     b_lo, b_hi = _bounds(x, lo, hi, bit_type)
-    assert (b_lo <= errors).all() and (errors <= b_hi).all(), ((b_lo > errors) | (errors > b_hi)).nonzero()
+    assert (b_lo <= errors).all() and (errors <= b_hi).all(), (
+        (b_lo > errors) | (errors > b_hi)
+    ).nonzero()
     with torch.no_grad():
         choice = S.omse_search(x, lo, hi, bit_type, min_numel=0)
     best = int(torch.argmin(errors))
@@ -184,13 +204,23 @@ def test_selected_errors_are_the_full_search_bits(n, threads):
     torch.set_num_threads(threads)
     try:
         full, _, _ = _full(x, x.min(), x.max())
-        for select in ([0], [89], [88, 89], [7, 8], [3, 40, 41, 87], list(range(0, 90, 9)), [5, 6, 7, 8, 9, 10, 11, 12]):
+        for select in (
+            [0],
+            [89],
+            [88, 89],
+            [7, 8],
+            [3, 40, 41, 87],
+            list(range(0, 90, 9)),
+            [5, 6, 7, 8, 9, 10, 11, 12],
+        ):
             with torch.no_grad():
                 part, _, _ = Fq.omse_candidate_errors(x, x.min(), x.max(), UINT8, select=select)
             for i in select:
                 assert part[i].view(torch.int64) == full[i].view(torch.int64), (n, select, i)
             finite = torch.isfinite(part)
-            assert torch.equal(part[finite], full[finite]) and bool((part[~finite] == math.inf).all())
+            assert torch.equal(part[finite], full[finite]) and bool(
+                (part[~finite] == math.inf).all()
+            )
     finally:
         torch.set_num_threads(previous)
 
@@ -205,12 +235,18 @@ def test_cpu_row_sums_do_not_depend_on_the_other_rows(threads):
     try:
         g = _gen(0)
         for n in [1, 31, 1000, 16385, 32768, 65537, 300_001, 1_210_368]:
-            rows = torch.randn(8, n, generator=g, dtype=torch.float64) ** 2 * torch.logspace(-3, 3, 8, dtype=torch.float64)[:, None]
+            rows = (
+                torch.randn(8, n, generator=g, dtype=torch.float64) ** 2
+                * torch.logspace(-3, 3, 8, dtype=torch.float64)[:, None]
+            )
             reference = rows.sum(dim=1)
             for r in range(2, 9):
                 for pick in ([*range(r)], [*range(8 - r, 8)], [0, 7, *range(1, r - 1)]):
                     got = rows[pick].contiguous().sum(dim=1)
-                    assert torch.equal(got.view(torch.int64), reference[pick].view(torch.int64)), (n, pick)
+                    assert torch.equal(got.view(torch.int64), reference[pick].view(torch.int64)), (
+                        n,
+                        pick,
+                    )
     finally:
         torch.set_num_threads(previous)
 
@@ -219,10 +255,16 @@ def test_selection_in_the_autograd_path():
     x = _data("normal", 3000, seed=1).reshape(1, -1).double()  # float64 data: the out-of-place path
     full, _, _ = _full(x, x.min().float(), x.max().float())
     with torch.no_grad():
-        part, _, _ = Fq.omse_candidate_errors(x, x.min().float(), x.max().float(), UINT8, select=[10, 11])
-        single, _, _ = Fq.omse_candidate_errors(x, x.min().float(), x.max().float(), UINT8, select=[10])
+        part, _, _ = Fq.omse_candidate_errors(
+            x, x.min().float(), x.max().float(), UINT8, select=[10, 11]
+        )
+        single, _, _ = Fq.omse_candidate_errors(
+            x, x.min().float(), x.max().float(), UINT8, select=[10]
+        )
     assert torch.equal(part[10:12], full[10:12]) and int(torch.isfinite(part).sum()) == 2
-    assert torch.equal(single[8:16], full[8:16]) and int(torch.isfinite(single).sum()) == 8  # its own chunk
+    assert (
+        torch.equal(single[8:16], full[8:16]) and int(torch.isfinite(single).sum()) == 8
+    )  # its own chunk
 
 
 def test_wide_bit_types_fall_back_to_the_full_search():
@@ -258,8 +300,14 @@ def test_binning_invariant_on_adversarial_values(scale):
     w = 2.0 ** S.bin_statistics(base[:1], lo_, hi_, max_bin_bits=16).exponent
     k = torch.arange(-8, 8, dtype=torch.float64)
     grid = torch.clamp(k * w + float(base.median()), lo_, hi_).float()
-    values = torch.cat([grid, torch.nextafter(grid, torch.full_like(grid, -math.inf)), torch.nextafter(grid, torch.full_like(grid, math.inf)),
-                        torch.tensor([lo_, hi_, 0.0, -0.0, -1e-45, -1e-40, -1e-38, -1e-30, 1e-45, 1e-40])]).clamp(lo_, hi_)
+    values = torch.cat(
+        [
+            grid,
+            torch.nextafter(grid, torch.full_like(grid, -math.inf)),
+            torch.nextafter(grid, torch.full_like(grid, math.inf)),
+            torch.tensor([lo_, hi_, 0.0, -0.0, -1e-45, -1e-40, -1e-38, -1e-30, 1e-45, 1e-40]),
+        ]
+    ).clamp(lo_, hi_)
     for v in values.tolist():
         _check_element(v, lo_, hi_)
 
@@ -276,7 +324,9 @@ def test_binning_counts_and_fractions(scale):
     exact = np.bincount(j, weights=(t - np.floor(t)) * 2.0**F, minlength=stats.count.numel())
     got = stats.frac.numpy().astype(np.float64)
     counts = stats.count.numpy()
-    assert (got <= exact + 1e-6 * exact + 1e-3).all() and (got >= exact - counts * (1 + 1e-6) - 1e-3).all()
+    assert (got <= exact + 1e-6 * exact + 1e-3).all() and (
+        got >= exact - counts * (1 + 1e-6) - 1e-3
+    ).all()
 
 
 @pytest.mark.parametrize("center", [0.0, 1.0, -3.0, 1000.0, -1e6])
@@ -291,7 +341,9 @@ def test_binning_far_from_zero(center):
     F = stats.frac_bits
     exact = np.bincount(j, weights=(t - np.floor(t)) * 2.0**F, minlength=stats.count.numel())
     got, counts = stats.frac.numpy().astype(np.float64), stats.count.numpy()
-    assert (got <= exact + 1e-6 * exact + 1e-3).all() and (got >= exact - counts * (1 + 1e-6) - 1e-3).all()
+    assert (got <= exact + 1e-6 * exact + 1e-3).all() and (
+        got >= exact - counts * (1 + 1e-6) - 1e-3
+    ).all()
     for v in [lo_, hi_, float(x[0]), float(np.nextafter(np.float32(lo_), np.float32(np.inf)))]:
         _check_element(v, lo_, hi_)
 
@@ -311,14 +363,27 @@ def test_boundary_edges_enclose_their_bins(scale):
     assert (lo_edge[j] <= x).all() and (x <= hi_edge[j + 1]).all()
     # and they are close: within a float32 ulp or two of the bin boundaries
     w = 2.0**stats.exponent
-    assert torch.allclose(lo_edge.double(), (torch.arange(bins + 1) + stats.first).double() * w, rtol=2**-21, atol=w * 2**-20)
+    assert torch.allclose(
+        lo_edge.double(),
+        (torch.arange(bins + 1) + stats.first).double() * w,
+        rtol=2**-21,
+        atol=w * 2**-20,
+    )
 
 
 def test_magic_rounding_is_torch_round():
     # Every half-integer and its float32 neighbours in the range the codes use, plus far values.
-    k = torch.arange(-2**13, 2**13, dtype=torch.float32) / 2
-    v = torch.cat([k, torch.nextafter(k, torch.full_like(k, math.inf)), torch.nextafter(k, torch.full_like(k, -math.inf)),
-                   torch.tensor([2.0**22, -(2.0**22), 2.0**22 + 1, 1e30, -1e30, math.inf, -math.inf, -0.0, 0.0])])
+    k = torch.arange(-(2**13), 2**13, dtype=torch.float32) / 2
+    v = torch.cat(
+        [
+            k,
+            torch.nextafter(k, torch.full_like(k, math.inf)),
+            torch.nextafter(k, torch.full_like(k, -math.inf)),
+            torch.tensor(
+                [2.0**22, -(2.0**22), 2.0**22 + 1, 1e30, -1e30, math.inf, -math.inf, -0.0, 0.0]
+            ),
+        ]
+    )
     v = torch.cat([v, torch.randn(100_000, generator=_gen(1)) * 300])
     for bt in (UINT8, UINT4, get_bit_type("uint16")):
         got = S._round_half_even(v.clone()).clamp_(bt.lower, bt.upper)
@@ -383,7 +448,9 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         results = {}
         for name, min_numel in (("pruned", 0), ("small", 10**9)):
             with torch.no_grad():
-                results[name] = S.omse_search(shard, lo, hi, UINT8, reducer=reducer, min_numel=min_numel).index
+                results[name] = S.omse_search(
+                    shard, lo, hi, UINT8, reducer=reducer, min_numel=min_numel
+                ).index
         with torch.no_grad():
             errors, _, _ = Fq.omse_candidate_errors(shard, lo, hi, UINT8)
         results["full"] = int(torch.argmin(reducer.reduce(errors, "sum")))
@@ -394,7 +461,9 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_processes_choose_what_the_distributed_full_search_chooses(world, tmp_path):
-    mp.start_processes(_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, start_method="spawn")
+    mp.start_processes(
+        _worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, start_method="spawn"
+    )
     got = [torch.load(tmp_path / f"{rank}.pt") for rank in range(world)]
     for result in got:
         assert result["pruned"] == result["full"] == result["small"] == got[0]["full"]

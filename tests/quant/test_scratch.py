@@ -28,7 +28,9 @@ def test_inside_a_scope_a_slot_reuses_its_memory_until_the_outermost_scope_close
         with scratch_scope():  # nested: same pool
             small = scratch_like(0, torch.zeros(2, 3))
             other = scratch_like(1, torch.zeros(2, 3))
-            as_int = scratch_like(0, torch.zeros(2, 3), dtype=torch.int32)  # the same bytes, another dtype
+            as_int = scratch_like(
+                0, torch.zeros(2, 3), dtype=torch.int32
+            )  # the same bytes, another dtype
         assert small.data_ptr() == big.data_ptr() == as_int.data_ptr()
         assert small.shape == (2, 3) and small.is_contiguous() and as_int.dtype == torch.int32
         assert other.data_ptr() != big.data_ptr()
@@ -79,22 +81,32 @@ def test_integer_kernels_use_the_pool_inside_a_scope():
     with torch.no_grad(), scratch_scope():
         Fq.log_int_softmax(scores, scale, get_bit_type("uint4"))
         assert {key[0] for key in pool()} == {0, 1}
-        Fq.int_layernorm(x, torch.full((96,), 0.1), torch.tensor(0.05), torch.ones(96), torch.zeros(96))
+        Fq.int_layernorm(
+            x, torch.full((96,), 0.1), torch.tensor(0.05), torch.ones(96), torch.zeros(96)
+        )
         assert {key[0] for key in pool()} == {0, 1, 2, 3}
 
 
 def test_quantized_model_forward_runs_in_a_scope_and_keeps_nothing():
     torch.manual_seed(0)
-    model = create_model("deit_tiny", method="minmax", model_kwargs=dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3)).eval()
+    model = create_model(
+        "deit_tiny",
+        method="minmax",
+        model_kwargs=dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3),
+    ).eval()
     images = torch.randn(2, 3, 32, 32)
     calibrate(model, [images])
     used = []
-    model.blocks[0].attn.softmax.register_forward_hook(lambda *_: used.append({key[0] for key in pool()}))
+    model.blocks[0].attn.softmax.register_forward_hook(
+        lambda *_: used.append({key[0] for key in pool()})
+    )
     with torch.no_grad():
         pooled = model(images)
         assert used == [{0, 1, 2, 3}]  # pooled during the forward (LayerNorm and Log-Int-Softmax)
         assert not pool()  # and released after it
-        unpooled = type(model).forward.__wrapped__(model, images)  # the same forward without a scope
+        unpooled = type(model).forward.__wrapped__(
+            model, images
+        )  # the same forward without a scope
     assert torch.equal(pooled, unpooled)
 
 

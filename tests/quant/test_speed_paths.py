@@ -12,10 +12,17 @@ import pytest
 import torch
 
 from fqvit_pl.models import create_model
-from fqvit_pl.quant import QuantConfig, QuantLinear, calibrate, disable_quantization, enable_quantization, get_bit_type
+from fqvit_pl.quant import (
+    QuantConfig,
+    QuantLinear,
+    calibrate,
+    disable_quantization,
+    enable_quantization,
+    get_bit_type,
+    scratch_scope,
+)
 from fqvit_pl.quant import functional as Fq
 from fqvit_pl.quant import scratch as scratch_module
-from fqvit_pl.quant import scratch_scope
 
 UINT8, INT8, UINT4 = get_bit_type("uint8"), get_bit_type("int8"), get_bit_type("uint4")
 
@@ -66,7 +73,9 @@ def ref_int_layernorm(x, in_scale, out_scale, weight, bias, bits=7):
     s_min = in_scale.min()
     x_q = x_q * torch.round(in_scale / s_min)
     mean = x_q.mean(dim=-1, keepdim=True) * s_min
-    std = (s_min / channels) * torch.sqrt(channels * x_q.pow(2).sum(dim=-1, keepdim=True) - x_q.sum(dim=-1, keepdim=True) ** 2)
+    std = (s_min / channels) * torch.sqrt(
+        channels * x_q.pow(2).sum(dim=-1, keepdim=True) - x_q.sum(dim=-1, keepdim=True) ** 2
+    )
     a = (s_min / std) * weight / out_scale
     sign = torch.sign(a)
     n = torch.clamp(bits - torch.floor(torch.log2(a.abs())), 0, 31)
@@ -105,7 +114,9 @@ def assert_bits_equal(got, expected):
     nan = torch.isnan(expected)
     assert torch.equal(torch.isnan(got), nan)
     int_type = {torch.float32: torch.int32, torch.float64: torch.int64}[got.dtype]
-    assert torch.equal(got[~nan].contiguous().view(int_type), expected[~nan].contiguous().view(int_type))
+    assert torch.equal(
+        got[~nan].contiguous().view(int_type), expected[~nan].contiguous().view(int_type)
+    )
 
 
 MODES = ["no_grad", "inference_mode", "no_grad, scratch", "inference_mode, scratch"]
@@ -116,7 +127,7 @@ def run(mode, fn):
     pooled buffer is overwritten with NaN bits: a result sharing pooled memory would change."""
     ctx = torch.inference_mode() if mode.startswith("inference_mode") else torch.no_grad()
     pooled = mode.endswith("scratch")
-    with ctx, (scratch_scope() if pooled else contextlib.nullcontext()):
+    with ctx, scratch_scope() if pooled else contextlib.nullcontext():
         result = fn()
         if pooled:
             for buffer in getattr(scratch_module._STATE, "pool", {}).values():
@@ -134,7 +145,7 @@ def gen(seed):
 
 @pytest.mark.parametrize("length", [1, 7, 601, 601 * 37])  # scalar loop and vectorized body + tail
 def test_exp2_equals_pow2_on_integers(length):
-    k = torch.arange(-300, 301, dtype=torch.float32).repeat(length // 601 + 1)[:max(length, 601)]
+    k = torch.arange(-300, 301, dtype=torch.float32).repeat(length // 601 + 1)[: max(length, 601)]
     k = torch.cat([k, torch.tensor([float("inf"), float("-inf"), float("nan")])])
     assert_bits_equal(torch.exp2(k), torch.pow(2.0, k))
 
@@ -159,7 +170,11 @@ def test_fake_quantize_fast_path_is_bit_exact(mode, x_shape, s_shape, bit_type):
     g = gen(1)
     x = torch.randn(x_shape, generator=g) * 3
     scale = torch.rand(s_shape, generator=g) * 0.05 + 1e-3
-    zero_point = torch.zeros(s_shape) if bit_type.signed else torch.randint(0, 256, s_shape, generator=g).float()
+    zero_point = (
+        torch.zeros(s_shape)
+        if bit_type.signed
+        else torch.randint(0, 256, s_shape, generator=g).float()
+    )
     # exact ties x/s + zp = k + 0.5 (round half to even) and values far outside the grid
     x.view(-1)[:50] = ((torch.arange(50.0) - 25 + 0.5) * scale.reshape(-1)[0]).float()
     x.view(-1)[50:60] = 1e4
@@ -186,14 +201,18 @@ def test_fake_quantize_keeps_autograd_when_needed():
     out.sum().backward()  # the out-of-place chain builds a graph (round has a zero gradient)
     assert x.grad is not None
     with torch.no_grad():
-        assert_bits_equal(out.detach(), Fq.fake_quantize(x * 2, torch.tensor(0.1), torch.tensor(3.0), UINT8))
+        assert_bits_equal(
+            out.detach(), Fq.fake_quantize(x * 2, torch.tensor(0.1), torch.tensor(3.0), UINT8)
+        )
 
 
 def test_fake_quantize_other_dtypes_use_the_plain_chain():
     x = torch.randn(100, dtype=torch.float64)
     scale, zp = torch.tensor(0.01), torch.tensor(3.0)  # float32 scale with float64 data
     with torch.no_grad():
-        assert torch.equal(Fq.fake_quantize(x, scale, zp, UINT8), ref_fake_quantize(x, scale, zp, UINT8))
+        assert torch.equal(
+            Fq.fake_quantize(x, scale, zp, UINT8), ref_fake_quantize(x, scale, zp, UINT8)
+        )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -240,8 +259,15 @@ def test_log_int_softmax_zero_exponentials_and_empty_rows(mode):
             got = run(mode, lambda: Fq.log_int_softmax(x, s, bits))
             expected = ref_log_int_softmax(x, s, bits)
             assert_bits_equal(got, expected)
-    assert torch.isnan(ref_log_int_softmax(x, torch.tensor(4.0), UINT4)).any()  # the S == 0 case is exercised
-    assert ref_log_int_softmax(x, torch.tensor(4.0), UINT8)[2].tolist() == [0.5, 0.0, 2.0**-3, 0.25]  # e == 0 → 0
+    assert torch.isnan(
+        ref_log_int_softmax(x, torch.tensor(4.0), UINT4)
+    ).any()  # the S == 0 case is exercised
+    assert ref_log_int_softmax(x, torch.tensor(4.0), UINT8)[2].tolist() == [
+        0.5,
+        0.0,
+        2.0**-3,
+        0.25,
+    ]  # e == 0 → 0
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -250,10 +276,16 @@ def test_log_int_softmax_masked_and_non_contiguous(mode):
     mask = torch.zeros(49, 49)
     mask[:20, 20:] = -100.0  # Swin's shift mask, added after the point (off the grid)
     masked = x + mask
-    assert_bits_equal(run(mode, lambda: Fq.log_int_softmax(masked, s, UINT4)), ref_log_int_softmax(masked, s, UINT4))
+    assert_bits_equal(
+        run(mode, lambda: Fq.log_int_softmax(masked, s, UINT4)),
+        ref_log_int_softmax(masked, s, UINT4),
+    )
     permuted = x.permute(1, 0, 2, 3)
     assert not permuted.is_contiguous()
-    assert_bits_equal(run(mode, lambda: Fq.log_int_softmax(permuted, s, UINT4)), ref_log_int_softmax(permuted, s, UINT4))
+    assert_bits_equal(
+        run(mode, lambda: Fq.log_int_softmax(permuted, s, UINT4)),
+        ref_log_int_softmax(permuted, s, UINT4),
+    )
 
 
 def log_rounding_inputs():
@@ -305,7 +337,10 @@ def ln_inputs(shape, channels_in, seed, per_tensor=False):
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("shape, channels_in, per_tensor", [((4, 197, 192), 192, False), ((2, 49, 384), 96, False), ((3, 10, 96), 96, True)])
+@pytest.mark.parametrize(
+    "shape, channels_in, per_tensor",
+    [((4, 197, 192), 192, False), ((2, 49, 384), 96, False), ((3, 10, 96), 96, True)],
+)
 def test_int_layernorm_is_bit_exact(mode, shape, channels_in, per_tensor):
     x, s_in, gamma, beta = ln_inputs(shape, channels_in, seed=6, per_tensor=per_tensor)
     s_out = torch.tensor(0.021)
@@ -330,7 +365,9 @@ def test_int_layernorm_constant_token_and_large_values(mode):
 # calibration searches
 
 
-@pytest.mark.parametrize("n, chunk, candidates", [(5000, 8, 90), (40_000, 8, 90), (333, 3, 10), (1000, 8, 5)])
+@pytest.mark.parametrize(
+    "n, chunk, candidates", [(5000, 8, 90), (40_000, 8, 90), (333, 3, 10), (1000, 8, 5)]
+)
 def test_omse_candidate_errors_are_bit_exact(n, chunk, candidates):
     g = gen(8)
     x = torch.randn(n, 7, generator=g).t()  # a transposed [C, n] view, as channel_layout returns
@@ -364,7 +401,12 @@ def calibrated_linear():
 
 
 def quantized_weight(layer):
-    return ref_fake_quantize(layer.weight.detach(), layer.weight_quant.scale.reshape(-1, 1), layer.weight_quant.quantizer.zero_point.reshape(-1, 1), INT8)
+    return ref_fake_quantize(
+        layer.weight.detach(),
+        layer.weight_quant.scale.reshape(-1, 1),
+        layer.weight_quant.quantizer.zero_point.reshape(-1, 1),
+        INT8,
+    )
 
 
 def test_weight_cache_is_reused_and_equal():
@@ -442,15 +484,21 @@ def test_weight_cache_is_not_state():
 
 TINY = {
     "deit_tiny": dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3),
-    "swin_tiny": dict(img_size=56, patch_size=4, embed_dim=24, depths=(2, 2), num_heads=(2, 4), window_size=7),
+    "swin_tiny": dict(
+        img_size=56, patch_size=4, embed_dim=24, depths=(2, 2), num_heads=(2, 4), window_size=7
+    ),
 }
 
 
 @pytest.mark.parametrize("name", list(TINY))
-@pytest.mark.parametrize("method, ptf, lis", [("minmax", True, True), ("omse", True, True), ("percentile", False, False)])
+@pytest.mark.parametrize(
+    "method, ptf, lis", [("minmax", True, True), ("omse", True, True), ("percentile", False, False)]
+)
 def test_calibrated_model_outputs_equal_with_and_without_grad(name, method, ptf, lis):
     torch.manual_seed(0)
-    model = create_model(name, method=method, ptf=ptf, lis=lis, num_classes=10, model_kwargs=TINY[name])
+    model = create_model(
+        name, method=method, ptf=ptf, lis=lis, num_classes=10, model_kwargs=TINY[name]
+    )
     size = TINY[name]["img_size"]
     calibrate(model, [torch.randn(2, 3, size, size) for _ in range(2)])
     x = torch.randn(2, 3, size, size)
@@ -476,16 +524,25 @@ def test_quantized_forward_traces_as_one_graph(name):
     assert explanation.graph_break_count == 0, explanation.break_reasons
 
 
-@pytest.mark.parametrize("n, k", [(10, 3), (1000, 1), (100_000, 13), (257_001, 40), (3_000_000, 96)])
+@pytest.mark.parametrize(
+    "n, k", [(10, 3), (1000, 1), (100_000, 13), (257_001, 40), (3_000_000, 96)]
+)
 def test_extreme_values_are_topk_values(n, k):
     g = gen(12)
     ties = torch.randint(-3, 4, (n,), generator=g).float()
     spikes = torch.zeros(n)
     spikes[torch.randint(0, n, (5,), generator=g)] = torch.tensor([9.0, 9.0, -9.0, 7.0, 9.0])
-    for values in (torch.randn(n, generator=g), ties, spikes, torch.sort(torch.randn(n, generator=g)).values):
+    for values in (
+        torch.randn(n, generator=g),
+        ties,
+        spikes,
+        torch.sort(torch.randn(n, generator=g)).values,
+    ):
         upper, lower = Fq.extreme_values(values, k, k + 1)
         assert torch.equal(upper.sort().values, torch.topk(values, k).values.sort().values)
-        assert torch.equal(lower.sort().values, torch.topk(values, k + 1, largest=False).values.sort().values)
+        assert torch.equal(
+            lower.sort().values, torch.topk(values, k + 1, largest=False).values.sort().values
+        )
     with_nan = torch.randn(n, generator=g)
     with_nan[n // 2] = float("nan")
     upper, _ = Fq.extreme_values(with_nan, k, k)
