@@ -3,8 +3,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! python -c "import torch, torchvision, timm, pytorch_lightning, torchmetrics, jsonargparse, sklearn, docstring_parser, pytest" \
-    || ! command -v ruff >/dev/null 2>/dev/null; then
+if ! python -c "import torch, torchvision, timm, pytorch_lightning, torchmetrics, jsonargparse, sklearn, docstring_parser, pytest" 2>/dev/null \
+    || ! command -v ruff >/dev/null; then
     python -m pip install -e ".[dev]"
 fi
 # Lint and format check first (seconds), then the tests.
