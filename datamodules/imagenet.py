@@ -3,6 +3,7 @@
 import os
 from typing import Callable, Dict, Optional, Tuple
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from PIL import Image
@@ -13,25 +14,50 @@ from torchvision.datasets import ImageFolder
 from fqvit_pl.distributed import eval_sampler
 from fqvit_pl.models.preprocess import create_eval_transform, resolve_data_config
 
-__all__ = ["ImageNetDataModule", "calibration_subset", "strict_pil_loader"]
+__all__ = ["ImageNetDataModule", "calibration_subset", "strict_pil_loader", "to_rgb"]
 
 _TRAIN_TRANSFORMS = ("eval", "augment")
 
 
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def to_rgb(image: Image.Image, path: str) -> Image.Image:
+    """``image`` as 8-bit RGB, with 16-bit grey images scaled (``round(v * 255 / 65535)``).
+
+    ``convert("RGB")`` alone clips 16-bit grey values above 255, which turns such images white.
+    (Pillow reads 16-bit RGB PNGs as 8-bit RGB itself, keeping each value's high byte.)
+
+    Raises:
+        RuntimeError: 32-bit integer or floating-point pixels (no defined 8-bit scale), naming ``path``.
+    """
+    if image.mode in _SIXTEEN_BIT_MODES or (image.mode == "I" and image.format == "PNG"):
+        values = np.asarray(image, dtype=np.int64)
+        # (v + 128) // 257 == round(v / 257) == round(v * 255 / 65535); exact ties cannot occur.
+        image = Image.fromarray(((values + 128) // 257).astype(np.uint8), mode="L")
+    elif image.mode in ("I", "F"):
+        raise RuntimeError(
+            f"cannot use image {path}: its pixels are 32-bit {'integers' if image.mode == 'I' else 'floats'}, "
+            "which have no defined 8-bit scale; convert it to an 8- or 16-bit image"
+        )
+    return image.convert("RGB")
+
+
 def strict_pil_loader(path: str) -> Image.Image:
-    """Open ``path`` as an RGB PIL image; any decode failure names the file.
+    """Open ``path`` as an 8-bit RGB PIL image (see :func:`to_rgb`); any decode failure names the file.
 
     Module-level (not a lambda) so that datasets using it pickle into worker processes.
 
     Raises:
         RuntimeError: ``"cannot decode image {path}: {err}"`` for unreadable, truncated
-            or non-image files.
+            or non-image files; ``"cannot use image {path}: ..."`` for 32-bit pixels.
     """
     try:
         with open(path, "rb") as f:
             image = Image.open(f)
-            # convert() forces the full decode inside the try: Image.open is lazy.
-            return image.convert("RGB")
+            # load() forces the full decode inside the try: Image.open is lazy.
+            image.load()
+            return to_rgb(image, path)
     except OSError as err:  # UnidentifiedImageError is an OSError
         raise RuntimeError(f"cannot decode image {path}: {err}") from err
 
@@ -183,6 +209,11 @@ class ImageNetDataModule(pl.LightningDataModule):
                     f"{os.path.join(self.root, other_split)!r}: only in {split}: {only_here[:10]}, "
                     f"only in {other_split}: {only_there[:10]}"
                 )
+
+    @property
+    def num_classes(self) -> int:
+        """Number of class folders of the val split (train, when used, has the same ones)."""
+        return len(self._dataset("val", "eval").classes)
 
     def setup(self, stage: Optional[str] = None) -> None:
         """Index and check the splits the stage needs (see the class docstring)."""

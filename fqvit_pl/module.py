@@ -15,6 +15,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
+from fqvit_pl.checks import check_num_classes
 from fqvit_pl.models import create_model, resolve_data_config
 from fqvit_pl.quant import QuantConfig, QuantModule, quant_modules
 
@@ -144,6 +145,16 @@ class QuantViTModule(pl.LightningModule):
     @override
     def setup(self, stage: str) -> None:
         self._check_preprocessing()
+        self._check_num_classes()
+
+    def _check_num_classes(self) -> None:
+        # A mismatch otherwise surfaces mid-evaluation inside torchmetrics (or not at all).
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer else None
+        classes = getattr(datamodule, "num_classes", None)
+        if isinstance(classes, int) and not isinstance(classes, bool):
+            root = getattr(datamodule, "root", None)
+            source = f"the data ({type(datamodule).__name__}{f' at {root!r}' if root else ''})"
+            check_num_classes(classes, self.hparams.num_classes, source)
 
     def _check_preprocessing(self) -> None:
         datamodule = (

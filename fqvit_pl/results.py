@@ -7,11 +7,16 @@ the run measured (top-1/top-5 in percent, calibration seconds, images per second
 from __future__ import annotations
 
 import csv
+import io
 import os
+import tempfile
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
-from typing import Optional
+from typing import IO, Iterator, Optional
 
-__all__ = ["ResultRow", "RESULT_COLUMNS", "format_summary", "append_result"]
+from fqvit_pl.checks import check_writable_file
+
+__all__ = ["ResultRow", "RESULT_COLUMNS", "format_summary", "append_result", "check_results_path"]
 
 
 @dataclass(frozen=True)
@@ -79,26 +84,91 @@ def _cell(value: object) -> str:
     return str(value)
 
 
+def _read_header(path: str) -> list[str]:
+    with open(path, newline="") as f:
+        return next(csv.reader(f), [])
+
+
+def _check_header(path: str, header: list[str]) -> None:
+    if tuple(header) != RESULT_COLUMNS:
+        raise ValueError(
+            f"results CSV {path!r} has columns {header}, expected {list(RESULT_COLUMNS)}: "
+            "choose another path (--results.csv_path) or move the old file away"
+        )
+
+
+def _line(values: list[str]) -> str:
+    out = io.StringIO()
+    csv.writer(out).writerow(values)
+    return out.getvalue()
+
+
+def _create_with_header(path: str) -> None:
+    """Create ``path`` holding only the header, atomically: no other process sees it half-written,
+    and of several processes creating it at once exactly one succeeds (``os.link`` never replaces)."""
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    fd, temporary = tempfile.mkstemp(dir=folder, prefix=".results-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            f.write(_line(list(RESULT_COLUMNS)))
+        try:
+            os.link(temporary, path)
+        except FileExistsError:
+            pass  # another process created it first; its header is the same
+        except OSError:
+            pass  # no hard links here: the locked append below writes the header of an empty file
+    finally:
+        os.unlink(temporary)
+
+
+@contextmanager
+def _exclusive(f: IO[str]) -> Iterator[None]:
+    """Hold an exclusive lock on the open file ``f`` (POSIX ``flock``; elsewhere only the atomic
+    create and the single appending write below order concurrent writers)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        yield
+        return
+    fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+    try:
+        yield
+    finally:
+        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def check_results_path(path: str | os.PathLike, option: str = "--results.csv_path") -> None:
+    """Raise before a run when a row could not be appended to ``path`` later.
+
+    Raises:
+        IsADirectoryError, NotADirectoryError, PermissionError: see
+            :func:`fqvit_pl.checks.check_writable_file`.
+        ValueError: the file exists with other columns.
+    """
+    path = os.fspath(path)
+    check_writable_file(path, option)
+    if os.path.isfile(path) and os.path.getsize(path) > 0:
+        _check_header(path, _read_header(path))
+
+
 def append_result(path: str | os.PathLike, row: ResultRow) -> None:
     """Append ``row`` to the CSV at ``path``, creating the folders and the header when new.
+
+    Safe for several processes appending to the same file at once: the file is created with its
+    header atomically, and each row is written under an exclusive lock in one appending write.
 
     Raises:
         ValueError: the file exists with a different header (rows would land in wrong columns).
     """
     path = os.fspath(path)
-    exists = os.path.isfile(path) and os.path.getsize(path) > 0
-    if exists:
-        with open(path, newline="") as f:
-            header = next(csv.reader(f), [])
-        if tuple(header) != RESULT_COLUMNS:
-            raise ValueError(
-                f"results CSV {path!r} has columns {header}, expected {list(RESULT_COLUMNS)}: "
-                "choose another path or move the old file away"
-            )
-    else:
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "a", newline="") as f:
-        writer = csv.writer(f)
-        if not exists:
-            writer.writerow(RESULT_COLUMNS)
-        writer.writerow([_cell(v) for v in asdict(row).values()])
+    if not os.path.exists(path):
+        _create_with_header(path)
+    with open(path, "a+", newline="") as f, _exclusive(f):
+        f.seek(0, os.SEEK_END)
+        if f.tell() == 0:  # an existing empty file: its header is still missing
+            f.write(_line(list(RESULT_COLUMNS)))
+        else:
+            _check_header(path, _read_header(path))
+        f.write(_line([_cell(v) for v in asdict(row).values()]))
+        f.flush()  # inside the lock

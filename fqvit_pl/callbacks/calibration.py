@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from itertools import islice
 from typing import Any, Callable, Iterable, Iterator, Optional
@@ -15,6 +16,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 from typing_extensions import override
 
+from fqvit_pl.checks import check_precision, check_writable_file
 from fqvit_pl.distributed import shard_batch
 from fqvit_pl.quant import calibrate as calibrate_model
 from fqvit_pl.quant import (
@@ -107,6 +109,13 @@ class QuantCalibration(pl.Callback):
     # -- hooks ------------------------------------------------------------------------------
 
     @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Refuse a precision other than float32 and an unwritable ``save_path`` before any work."""
+        check_precision(trainer.precision, "--trainer.precision (Trainer(precision=...))")
+        if self.save_path and stage != "fit":
+            check_writable_file(self.save_path, "--calibration.save_path")
+
+    @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
             return
@@ -163,8 +172,7 @@ class QuantCalibration(pl.Callback):
         if fresh_weights or self.recalibrate or not is_calibrated(pl_module):
             self.calibrate(trainer, pl_module)
             if self.save_path and not fresh_weights:
-                trainer.save_checkpoint(self.save_path)
-                rank_zero_info(f"Saved the calibrated model to {self.save_path}")
+                self._save(trainer)
         else:
             enable_quantization(pl_module)
             rank_zero_info(
@@ -172,6 +180,17 @@ class QuantCalibration(pl.Callback):
                 "checkpoint): evaluating with its stored quantization parameters; set recalibrate=True "
                 "to calibrate again."
             )
+
+    def _save(self, trainer: pl.Trainer) -> None:
+        path = os.fspath(self.save_path)
+        trainer.save_checkpoint(path)  # written by global rank zero, which checks it for all ranks
+        saved = trainer.is_global_zero and os.path.isfile(path) and os.path.getsize(path) > 0
+        if not trainer.strategy.broadcast(saved, src=0):
+            raise OSError(
+                f"--calibration.save_path {path!r}: saving the calibrated model left no file there; "
+                "check the path and the free space, then run again"
+            )
+        rank_zero_info(f"Saved the calibrated model to {path}")
 
     def calibrate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Calibrate ``pl_module`` now and switch quantization on (the one place calibration happens)."""

@@ -14,7 +14,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from fqvit_pl.callbacks.calibration import QuantCalibration, default_batch_to_input
-from fqvit_pl.results import ResultRow, append_result, format_summary
+from fqvit_pl.results import ResultRow, append_result, check_results_path, format_summary
 
 __all__ = ["ResultsWriter"]
 
@@ -68,6 +68,12 @@ class ResultsWriter(pl.Callback):
         self._start = 0.0
         self._end = 0.0
         self._images = 0
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Refuse a results CSV that could not take the row, before the run rather than after it."""
+        if self.csv_path and (stage != "fit" or self.during_fit):
+            check_results_path(self.csv_path)
 
     def _active(self, trainer: pl.Trainer) -> bool:
         return not trainer.sanity_checking and (

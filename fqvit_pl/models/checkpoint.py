@@ -16,6 +16,7 @@ Files: ``.safetensors`` through ``safetensors.torch.load_file``, anything else t
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 from typing import Any, Mapping, NoReturn, Union
 
@@ -45,11 +46,30 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read, is not a state dict, or does not fit the model."""
 
 
+def _read_error(path: Path, err: Exception) -> str:
+    """Why ``path`` could not be read, without torch's advice to load it unsafely."""
+    if path.stat().st_size == 0:
+        return "the file is empty (an interrupted save?): write it again"
+    if isinstance(err, pickle.UnpicklingError) and "weights_only" in str(err):
+        return (
+            "it holds Python objects other than tensors and plain containers, which this project "
+            "never loads (loading them can run code): re-save only the tensors, e.g. "
+            "torch.save(model.state_dict(), path), or use a .safetensors file"
+        )
+    detail = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+    if "weights_only" in detail:
+        detail = ""
+    return (
+        f"it is not a .safetensors file or a torch.save'd state dict ({type(err).__name__}"
+        f"{': ' + detail if detail else ''}): check that the file is complete and is a checkpoint"
+    )
+
+
 def read_checkpoint(path: str | os.PathLike[str]) -> Any:
     """Read a checkpoint file on the CPU without executing pickled code.
 
     Raises ``FileNotFoundError`` for a missing file and :class:`CheckpointError` for one that
-    cannot be read.
+    cannot be read (empty, not a checkpoint, or holding objects that only unsafe loading builds).
     """
     path = Path(path)
     if not path.is_file():
@@ -62,8 +82,7 @@ def read_checkpoint(path: str | os.PathLike[str]) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle, zip and safetensors errors have no common base
         raise CheckpointError(
-            f"cannot read checkpoint {str(path)!r} ({type(err).__name__}: {err}); expected a .safetensors file or a "
-            "torch.save'd state dict loadable with torch.load(weights_only=True)"
+            f"cannot read checkpoint {str(path)!r}: {_read_error(path, err)}"
         ) from err
 
 

@@ -14,7 +14,7 @@ from .registry import ModelSpec, resolve_model_name
 from .swin import QuantSwinTransformer
 from .vit import QuantVisionTransformer
 
-__all__ = ["create_model"]
+__all__ = ["create_model", "PretrainedWeightsError"]
 
 _BUILDERS: dict[str, type[nn.Module]] = {
     "deit": QuantVisionTransformer,
@@ -42,8 +42,43 @@ def _pretrained_state(
     import timm
 
     name = f"{spec.architecture}.{tag}"
-    reference = timm.create_model(name, pretrained=True, num_classes=num_classes, **model_kwargs)
+    try:
+        reference = timm.create_model(
+            name, pretrained=True, num_classes=num_classes, **model_kwargs
+        )
+    except _download_errors() as err:
+        raise PretrainedWeightsError(
+            f"could not fetch the pretrained weights {name} ({type(err).__name__}: "
+            f"{str(err).strip().splitlines()[0][:200] if str(err).strip() else 'no message'}). "
+            "Without network access: load a local file instead (--model.pretrained false "
+            "--model.checkpoint_path FILE; create_model(name, checkpoint_path=FILE)), or fill the "
+            "Hugging Face cache (HF_HOME) on a machine with network access, e.g. "
+            f"python -c \"import timm; timm.create_model('{name}', pretrained=True)\", and copy "
+            "it here; --model.pretrained false builds the network with random weights (tests only)."
+        ) from err
     return reference.state_dict()
+
+
+class PretrainedWeightsError(RuntimeError):
+    """The published weights could not be downloaded (no network, no cached copy)."""
+
+
+def _download_errors() -> tuple[type[BaseException], ...]:
+    """Errors of a failed download: OSError covers the hub's cache misses and ``requests``' errors."""
+    errors: list[type[BaseException]] = [OSError, ConnectionError, TimeoutError]
+    try:
+        from huggingface_hub.errors import HfHubHTTPError
+
+        errors.append(HfHubHTTPError)
+    except ImportError:
+        pass
+    try:
+        import httpx
+
+        errors.append(httpx.HTTPError)
+    except ImportError:
+        pass
+    return tuple(errors)
 
 
 def create_model(
@@ -84,6 +119,8 @@ def create_model(
             model_kwargs, both ``pretrained`` and ``checkpoint_path``.
         FileNotFoundError: ``checkpoint_path`` does not exist.
         CheckpointError: a checkpoint that cannot be read or does not fit.
+        PretrainedWeightsError: ``pretrained`` weights that could not be downloaded (the message
+            says how to proceed offline).
     """
     spec, tag = resolve_model_name(name)
     unknown = sorted(set(overrides) - set(ROLES))

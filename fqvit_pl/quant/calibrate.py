@@ -125,6 +125,27 @@ def _check_ranks_agree(model: nn.Module, reducer: StatReducer) -> None:
         )
 
 
+def _check_batch(batch: Any, index: int, dtype: torch.dtype | None) -> None:
+    """Refuse an empty tensor batch, or one not in the model's float dtype (others: forward's job)."""
+    if not isinstance(batch, Tensor):
+        return
+    if batch.numel() == 0:
+        raise ValueError(
+            f"calibration batch {index} is empty (shape {tuple(batch.shape)}): every calibration "
+            "batch must hold at least one sample"
+        )
+    if dtype is not None and batch.dtype != dtype:
+        how = (
+            f"convert it with .to({dtype})"
+            if batch.is_floating_point()
+            else "convert the pixels to normalized float images (e.g. the DataModule's transform)"
+        )
+        raise TypeError(
+            f"calibration batch {index} is a {batch.dtype} tensor but the model computes in "
+            f"{dtype} (fake quantization is defined in float32): {how}"
+        )
+
+
 def _snapshot(modules: list[QuantModule]) -> list[dict[str, Tensor]]:
     return [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in modules]
 
@@ -143,13 +164,16 @@ def calibrate(
     batch)`` overrides the default ``model(batch)``. Under an initialized process group the statistics
     merge across ranks (``reducer``, default :func:`default_reducer`). Any earlier calibration is
     discarded first. Under a process group every rank must pass the same number of batches, and
-    the ranks' final parameters are compared by checksum (``RuntimeError`` if they differ). On error (no batches, NaN/Inf, a point never reached …) the model's
+    the ranks' final parameters are compared by checksum (``RuntimeError`` if they differ). A
+    tensor batch must be non-empty (``ValueError``) and in the model's float dtype (``TypeError``).
+    On error (no batches, NaN/Inf, a point never reached …) the model's
     calibration state, flags and train/eval mode are restored and the error re-raised.
     """
     modules = _require_quant_modules(model, "calibrate")
     forward = forward or (lambda m, batch: m(batch))
     reducer = reducer or default_reducer()
     saved_state = _snapshot(modules)
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
     was_training = model.training
     seen = 0
     try:
@@ -158,6 +182,7 @@ def calibrate(
         model.eval()
         with use_reducer(reducer):
             for batch, last in _with_last_flag(batches, reducer):
+                _check_batch(batch, seen, dtype)
                 for module in modules:
                     module.set_observing(True, last_batch=last)
                 forward(model, batch)

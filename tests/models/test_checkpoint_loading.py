@@ -204,5 +204,13 @@ def test_pickled_objects_are_refused(tmp_path):
     path = tmp_path / "object.pth"
     torch.save(
         {"weights": torch.nn.Linear(2, 2)}, path
-    )  # needs weights_only=False to load: refused
-    assert "weights_only" in _error(path)
+    )  # needs weights_only=False to load: refused, and not suggested
+    message = _error(path)
+    assert "never loads" in message and "weights_only=False" not in message
+
+
+def test_empty_file_is_named(tmp_path):
+    path = tmp_path / "empty.pth"
+    path.write_bytes(b"")
+    message = _error(path)
+    assert str(path) in message and "empty" in message
