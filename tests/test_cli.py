@@ -284,3 +284,193 @@ def test_data_preprocessing_of_another_family_is_warned_about(tmp_path):
                 str(tmp_path / "runs"),
             ]
         )
+
+
+# -- wrong inputs stop the run before any work, naming the option at fault -----------------------
+
+
+def _imagenet_args(tmp_path, *extra):
+    root = tmp_path / "imagenet"
+    if not root.exists():
+        _write_imagefolder(root)
+    return [
+        "validate",
+        "--config",
+        str(CONFIGS / "deit_tiny.yaml"),
+        *QUIET,
+        *TINY_IMAGENET,
+        "--data.root",
+        str(root),
+        "--results.csv_path",
+        "null",
+        "--trainer.default_root_dir",
+        str(tmp_path / "runs"),
+        *extra,
+    ]
+
+
+@pytest.fixture
+def no_model_built(monkeypatch):
+    """Fails the test if the run builds (or downloads) a network."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the network was built before the input was checked")
+
+    monkeypatch.setattr("fqvit_pl.module.create_model", refuse)
+
+
+@pytest.fixture
+def no_calibration(monkeypatch):
+    """Fails the test if the run starts calibrating."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("calibration started before the input was checked")
+
+    monkeypatch.setattr(QuantCalibration, "calibrate", refuse)
+
+
+@pytest.fixture(scope="module")
+def minmax_checkpoint(tmp_path_factory):
+    """A calibrated Lightning checkpoint of the tiny minmax DeiT (saved by --calibration.save_path)."""
+    tmp_path = tmp_path_factory.mktemp("minmax")
+    path = tmp_path / "minmax.ckpt"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sys, "argv", ["main.py"])
+        cli_main(_imagenet_args(tmp_path, "--calibration.save_path", str(path)))
+    assert path.is_file()
+    return tmp_path, path
+
+
+@pytest.mark.parametrize(
+    ("flags", "differing"),
+    [
+        (["--model.method", "omse"], "model.method: checkpoint 'minmax', command line 'omse'"),
+        (
+            ["--model.model_name", "swin_tiny", "--model.model_kwargs", '{"img_size": 32}'],
+            "model.model_name: checkpoint 'deit_tiny', command line 'swin_tiny'",
+        ),
+        (["--model.overrides", '{"activation": {"bit_type": "uint6"}}'], "model.overrides"),
+    ],
+)
+def test_ckpt_path_contradicting_the_command_line_is_refused(
+    minmax_checkpoint, flags, differing, no_model_built
+):
+    tmp_path, path = minmax_checkpoint
+    with pytest.raises(ValueError, match="--ckpt_path") as info:
+        cli_main(_imagenet_args(tmp_path, "--ckpt_path", str(path), *flags))
+    assert differing in str(info.value) and "Nothing was run" in str(info.value)
+
+
+def test_ckpt_path_keeps_the_command_lines_run_options(minmax_checkpoint):
+    tmp_path, path = minmax_checkpoint  # saved with fp_agreement false
+    cli = cli_main(
+        _imagenet_args(tmp_path, "--ckpt_path", str(path), "--model.fp_agreement", "true")
+    )
+    assert cli.model.hparams.fp_agreement is True
+    row = _callback(cli, ResultsWriter).last_row
+    assert (row.method, row.fp_agreement) == ("minmax", 100.0)  # quantized vs float measured
+    assert _callback(cli, QuantCalibration).calibration_count == 0  # evaluated as calibrated
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (b"", "the file is empty"),
+        (b"\x80\x02garbage that is not a checkpoint" * 4, "cannot read checkpoint"),
+        ("plain", "is not a Lightning checkpoint"),
+        ("object", "never loads"),
+    ],
+)
+def test_unusable_ckpt_path_is_named(tmp_path, content, expected, no_model_built):
+    import torch
+
+    path = tmp_path / "x.ckpt"
+    if content == "plain":  # a timm-style state dict of weights
+        torch.save({"head.weight": torch.zeros(3, 32), "head.bias": torch.zeros(3)}, path)
+    elif content == "object":  # would need weights_only=False, which could run code
+        torch.save({"state_dict": {}, "pytorch-lightning_version": "2", "x": torch.nn.ReLU()}, path)
+    else:
+        path.write_bytes(content)
+    from fqvit_pl.models import CheckpointError
+
+    with pytest.raises(CheckpointError) as info:
+        cli_main(_imagenet_args(tmp_path, "--ckpt_path", str(path)))
+    message = str(info.value)
+    assert "--ckpt_path" in message and str(path) in message and expected in message
+    assert "weights_only=False" not in message
+    if content == "plain":
+        assert f"--model.checkpoint_path {path}" in message
+
+
+def test_missing_ckpt_path_is_named_before_building(tmp_path, no_model_built):
+    with pytest.raises(FileNotFoundError, match="--ckpt_path .*nothing.ckpt"):
+        cli_main(_imagenet_args(tmp_path, "--ckpt_path", str(tmp_path / "nothing.ckpt")))
+
+
+def test_unwritable_calibration_save_path_is_refused_before_calibrating(tmp_path, no_calibration):
+    folder = tmp_path / "a_folder"
+    folder.mkdir()
+    with pytest.raises(IsADirectoryError, match="--calibration.save_path"):
+        cli_main(_imagenet_args(tmp_path, "--calibration.save_path", str(folder)))
+    assert list(folder.iterdir()) == []
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    with pytest.raises(NotADirectoryError, match="--calibration.save_path .* is a file"):
+        cli_main(_imagenet_args(tmp_path, "--calibration.save_path", str(a_file / "x.ckpt")))
+
+
+def test_a_save_that_leaves_no_file_is_an_error(tmp_path, monkeypatch):
+    import pytorch_lightning as pl
+
+    monkeypatch.setattr(pl.Trainer, "save_checkpoint", lambda self, *args, **kwargs: None)
+    with pytest.raises(OSError, match="--calibration.save_path .* left no file"):
+        cli_main(_imagenet_args(tmp_path, "--calibration.save_path", str(tmp_path / "c.ckpt")))
+
+
+@pytest.mark.parametrize("where", ["parent_is_file", "foreign_csv"])
+def test_unusable_results_path_is_refused_before_evaluating(tmp_path, where, no_calibration):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("a,b\n1,2\n")
+    path = a_file / "results.csv" if where == "parent_is_file" else a_file
+    args = _imagenet_args(tmp_path)
+    args[args.index("--results.csv_path") + 1] = str(path)
+    error = NotADirectoryError if where == "parent_is_file" else ValueError
+    with pytest.raises(error, match="results"):
+        cli_main(args)
+    assert a_file.read_text() == "a,b\n1,2\n"
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-true", "16-mixed", "64-true"])
+def test_precisions_other_than_float32_are_refused(tmp_path, precision, no_model_built):
+    with pytest.raises(ValueError, match=f"--trainer.precision={precision!r} is not supported"):
+        cli_main(_imagenet_args(tmp_path, "--trainer.precision", precision))
+
+
+def test_data_root_is_checked_before_the_model_is_built(tmp_path, no_model_built):
+    args = _imagenet_args(tmp_path, "--model.pretrained", "true")
+    args[args.index("--data.root") + 1] = str(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="--data.root .*nowhere"):
+        cli_main(args)
+
+
+def test_pretrained_weights_offline_say_how_to_proceed(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    from fqvit_pl.models.factory import PretrainedWeightsError
+
+    # Offline with an empty cache, without waiting for the network.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(PretrainedWeightsError) as info:
+        cli_main(_imagenet_args(tmp_path, "--model.pretrained", "true"))
+    message = str(info.value)
+    for part in ("deit_tiny_patch16_224.fb_in1k", "--model.checkpoint_path", "HF_HOME"):
+        assert part in message
+    assert "--model.pretrained false" in message
+
+
+def test_head_size_is_checked_against_the_dataset_classes(tmp_path, no_calibration):
+    args = _imagenet_args(tmp_path)
+    args[args.index("--model.num_classes") + 1] = "2"
+    with pytest.raises(ValueError, match="has 3 classes .* set --model.num_classes 3"):
+        cli_main(args)
