@@ -282,3 +282,20 @@ def test_module_without_quant_layers_is_an_error():
 def test_num_batches_must_be_positive():
     with pytest.raises(ValueError, match="num_batches"):
         QuantCalibration(num_batches=0)
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-true"])
+def test_precisions_other_than_float32_are_refused_before_calibrating(precision):
+    callback = QuantCalibration(num_batches=1)
+    with pytest.raises(ValueError, match="precision=.* fake quantization is defined in float32"):
+        _trainer(callbacks=[callback], precision=precision).validate(
+            ForeignModule(), datamodule=ForeignData()
+        )
+    assert callback.calibration_count == 0
+
+
+def test_save_path_into_a_folder_is_refused_before_calibrating(tmp_path):
+    callback = QuantCalibration(num_batches=1, save_path=str(tmp_path))
+    with pytest.raises(IsADirectoryError, match="--calibration.save_path"):
+        _trainer(callbacks=[callback]).validate(ForeignModule(), datamodule=ForeignData())
+    assert callback.calibration_count == 0 and list(tmp_path.iterdir()) == []

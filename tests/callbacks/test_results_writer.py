@@ -1,6 +1,9 @@
 """The summary line, the results CSV and the ResultsWriter callback; the calibration progress bar."""
 
 import csv
+import multiprocessing
+import os
+import time
 
 import pytest
 import pytorch_lightning as pl
@@ -154,3 +157,61 @@ def test_calibration_progress_bar_follows_the_trainer(capsys):
         with pytest.warns(UserWarning):
             trainer.validate(Scaled(), dataloaders=_loader())
         assert ("Calibration" in capsys.readouterr().err) == enabled
+
+
+def _slow(function, seconds=0.02):
+    def slowed(*args, **kwargs):
+        time.sleep(seconds)
+        return function(*args, **kwargs)
+
+    return slowed
+
+
+def _append_when_released(path, barrier, index):
+    # A slow (e.g. network) file system: every metadata lookup takes 20 ms, which widens any
+    # window between "does the file exist?" and writing the header.
+    for name in ("exists", "isfile", "getsize"):
+        setattr(os.path, name, _slow(getattr(os.path, name)))
+    barrier.wait()  # every process appends at the same moment
+    append_result(path, ResultRow(**{**ROW.__dict__, "num_images": index}))
+
+
+def test_processes_appending_to_a_new_csv_at_once_write_one_header(tmp_path):
+    # Real processes racing to create the same new file (before: a second header in 60% of trials).
+    context = multiprocessing.get_context("fork" if hasattr(os, "fork") else "spawn")
+    writers, trials = 4, 4
+    for trial in range(trials):
+        path = tmp_path / f"trial{trial}" / "results.csv"
+        barrier = context.Barrier(writers)
+        processes = [
+            context.Process(target=_append_when_released, args=(str(path), barrier, i))
+            for i in range(writers)
+        ]
+        for process in processes:
+            process.start()
+        for process in processes:
+            process.join(timeout=60)
+            assert process.exitcode == 0
+        with open(path, newline="") as f:
+            rows = list(csv.reader(f))
+        assert rows[0] == list(RESULT_COLUMNS), f"trial {trial}"
+        assert len(rows) == 1 + writers, f"trial {trial}: {len(rows) - 1} lines after the header"
+        assert sorted(int(dict(zip(rows[0], r))["num_images"]) for r in rows[1:]) == list(
+            range(writers)
+        )
+
+
+def test_results_path_that_cannot_take_the_row_is_refused_before_evaluating(tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    calibration = QuantCalibration()
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[calibration, ResultsWriter(csv_path=str(a_file / "r.csv"))],
+    )
+    with pytest.raises(NotADirectoryError, match="--results.csv_path .* is a file"):
+        trainer.validate(Scaled(), dataloaders=_loader())
+    assert calibration.calibration_count == 0

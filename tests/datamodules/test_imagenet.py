@@ -8,7 +8,10 @@ constant image constant, so un-normalizing a batch recovers which files it holds
 import os
 import pickle
 import shutil
+import struct
+import zlib
 
+import numpy as np
 import pytest
 import torch
 from jsonargparse import ArgumentParser
@@ -272,3 +275,54 @@ def test_arguments_are_cli_configurable():
         and cfg.data.seed == 3
     )
     assert cfg.data.num_calib_batches == 10 and cfg.data.calib_batch_size == 100
+
+
+def _write_png16(path, values):
+    """A 16-bit PNG by hand (Pillow writes no 16-bit RGB): ``values`` uint16 (H, W) grey or (H, W, 3)."""
+    values = np.asarray(values, dtype=">u2")
+    height, width = values.shape[:2]
+    colour = 2 if values.ndim == 3 else 0
+    rows = b"".join(b"\x00" + values[i].tobytes() for i in range(height))
+
+    def chunk(kind, data):
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    header = struct.pack(">IIBBBBB", width, height, 16, colour, 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(rows))
+        + chunk(b"IEND", b"")
+    )
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_16_bit_pngs_load_as_their_8_bit_equivalents(tmp_path, channels):
+    # v16 = 257 * v8 is exactly v8 / 255 of the 16-bit range, so the 8-bit tree is the reference.
+    rng = np.random.default_rng(0)
+    trees = {bits: tmp_path / f"png{bits}" for bits in (8, 16)}
+    for name in CLASSES:
+        for split in ("train", "val"):
+            pixels = rng.integers(0, 256, size=(36, 40, 3)[: 2 if channels == 1 else 3])
+            for bits, root in trees.items():
+                os.makedirs(root / split / name)
+                path = root / split / name / "img.png"
+                if bits == 8:
+                    Image.fromarray(pixels.astype(np.uint8)).save(path)
+                else:
+                    _write_png16(path, pixels * 257)
+    eight, sixteen = (_dm(root, batch_size=3).val_dataloader() for root in trees.values())
+    (x8, y8), (x16, y16) = next(iter(eight)), next(iter(sixteen))
+    assert torch.equal(y8, y16) and torch.equal(x8, x16)
+
+
+def test_32_bit_images_are_refused_by_name(tree):
+    root, _, _ = tree
+    path = root / "val" / "ant" / "wide.tif"
+    Image.fromarray(np.full((30, 40), 70000, dtype=np.int32), mode="I").save(path)
+    dm = _dm(root)
+    dm.setup("validate")
+    with pytest.raises(RuntimeError, match=f"cannot use image {path}: its pixels are 32-bit"):
+        list(dm.val_dataloader())

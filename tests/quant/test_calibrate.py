@@ -158,3 +158,22 @@ def test_generator_batches_and_custom_forward():
 
     calibrate(model, ({"x": b} for b in _batches()), forward=forward)
     assert len(seen) == 3 and is_calibrated(model)
+
+
+@pytest.mark.parametrize(
+    ("bad", "error", "message"),
+    [
+        (torch.zeros(0, 5, 8), ValueError, r"calibration batch 1 is empty \(shape \(0, 5, 8\)\)"),
+        (torch.zeros(2, 5, 8, dtype=torch.uint8), TypeError, "batch 1 is a torch.uint8 tensor"),
+        (torch.zeros(2, 5, 8, dtype=torch.float64), TypeError, r"\.to\(torch.float32\)"),
+    ],
+)
+def test_empty_or_wrongly_typed_batches_are_named_and_change_nothing(bad, error, message):
+    model = calibrate(TinyBlock(QuantConfig()), _batches())
+    before = _state(model)
+    batches = _batches(seed=1)
+    batches[1] = bad
+    with pytest.raises(error, match=message):
+        calibrate(model, batches)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
