@@ -85,8 +85,8 @@ def check_precision(precision: Any, option: str = "--trainer.precision") -> None
     """
     if str(precision) not in FLOAT32_PRECISIONS:
         raise ValueError(
-            f"{option}={precision!r} is not supported: fake quantization is defined in float32. "
-            f"Set {option} 32 (Trainer(precision='32-true'))."
+            f"{option} {precision!r} is not supported: fake quantization is defined in float32. "
+            f"Set {option} 32 (in Python: Trainer(precision='32-true'))."
         )
 
 

@@ -3,7 +3,8 @@
 ``python main.py {fit,validate,test,predict} --config configs/<model>.yaml [--key value ...]``.
 Besides the usual ``model``/``data``/``trainer`` groups it adds two callbacks, configurable as
 ``calibration.*`` (:class:`~fqvit_pl.callbacks.QuantCalibration`) and ``results.*``
-(:class:`~fqvit_pl.callbacks.ResultsWriter`).
+(:class:`~fqvit_pl.callbacks.ResultsWriter`). Before building anything it checks ``--ckpt_path``
+against the command line, ``--trainer.precision`` and ``--data.root`` (see :mod:`fqvit_pl.checks`).
 """
 
 from __future__ import annotations
@@ -51,9 +52,8 @@ class FQViTCLI(LightningCLI):
         """Check the precision and the data root before any model is built or downloaded."""
         config = self._run_config()
         if getattr(self, "_given_model", None) is not None:
-            config.model = (
-                self._given_model
-            )  # the command line's run options win over the checkpoint's
+            # The command line's run options (fp_agreement, pretrained, ...) win over the checkpoint's.
+            config.model = self._given_model
         precision = (config.get("trainer") or Namespace()).get("precision")
         if precision is not None:
             check_precision(precision)

@@ -442,7 +442,7 @@ def test_unusable_results_path_is_refused_before_evaluating(tmp_path, where, no_
 
 @pytest.mark.parametrize("precision", ["bf16-mixed", "16-true", "16-mixed", "64-true"])
 def test_precisions_other_than_float32_are_refused(tmp_path, precision, no_model_built):
-    with pytest.raises(ValueError, match=f"--trainer.precision={precision!r} is not supported"):
+    with pytest.raises(ValueError, match=f"--trainer.precision {precision!r} is not supported"):
         cli_main(_imagenet_args(tmp_path, "--trainer.precision", precision))
 
 

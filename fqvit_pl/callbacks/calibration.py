@@ -72,6 +72,8 @@ class QuantCalibration(pl.Callback):
             progress bar to be enabled).
         save_path: after each calibration outside ``fit``, save a Lightning checkpoint of the
             calibrated module here, to evaluate it later (``--ckpt_path``) without the calibration data.
+            Checked at ``setup`` (before calibrating) and after the save. ``setup`` also refuses a
+            trainer precision other than float32.
 
     Attributes:
         calibration_count: calibrations run by this callback so far.
@@ -111,7 +113,7 @@ class QuantCalibration(pl.Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Refuse a precision other than float32 and an unwritable ``save_path`` before any work."""
-        check_precision(trainer.precision, "--trainer.precision (Trainer(precision=...))")
+        check_precision(trainer.precision)
         if self.save_path and stage != "fit":
             check_writable_file(self.save_path, "--calibration.save_path")
 

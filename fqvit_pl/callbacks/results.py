@@ -55,7 +55,8 @@ class ResultsWriter(pl.Callback):
     batch start to last batch end, including the extra float pass when ``fp_agreement`` is on).
 
     Args:
-        csv_path: results CSV to append to (created with a header if new); ``None`` only prints.
+        csv_path: results CSV to append to (created with a header if new; checked at ``setup``,
+            before the run); ``None`` only prints.
         during_fit: also report every validation epoch of ``fit``.
     """
 

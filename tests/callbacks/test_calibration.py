@@ -287,7 +287,9 @@ def test_num_batches_must_be_positive():
 @pytest.mark.parametrize("precision", ["bf16-mixed", "16-true"])
 def test_precisions_other_than_float32_are_refused_before_calibrating(precision):
     callback = QuantCalibration(num_batches=1)
-    with pytest.raises(ValueError, match="precision=.* fake quantization is defined in float32"):
+    with pytest.raises(
+        ValueError, match="--trainer.precision .* fake quantization is defined in float32"
+    ):
         _trainer(callbacks=[callback], precision=precision).validate(
             ForeignModule(), datamodule=ForeignData()
         )
