@@ -55,3 +55,22 @@ def test_lightning_keywords_are_left_to_lightning(tmp_path):
         assert read_lightning_checkpoint(keyword) is None
     with pytest.raises(FileNotFoundError, match="--ckpt_path .*x.ckpt"):
         read_lightning_checkpoint(os.fspath(tmp_path / "x.ckpt"))
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root writes read-only files"
+)
+def test_writable_file_refuses_read_only_files_and_folders(tmp_path):
+    read_only = tmp_path / "r.csv"
+    read_only.write_text("")
+    read_only.chmod(0o444)
+    with pytest.raises(PermissionError, match="exists and is not writable"):
+        check_writable_file(read_only, "--x")
+    folder = tmp_path / "locked"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        with pytest.raises(PermissionError, match="no file can be written in"):
+            check_writable_file(folder / "sub" / "file.csv", "--x")
+    finally:
+        folder.chmod(0o755)

@@ -474,3 +474,16 @@ def test_head_size_is_checked_against_the_dataset_classes(tmp_path, no_calibrati
     args[args.index("--model.num_classes") + 1] = "2"
     with pytest.raises(ValueError, match="has 3 classes .* set --model.num_classes 3"):
         cli_main(args)
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root writes read-only files"
+)
+def test_read_only_results_csv_is_refused_before_evaluating(tmp_path, no_calibration):
+    path = tmp_path / "results.csv"
+    path.write_text(",".join(RESULT_COLUMNS) + "\n")
+    path.chmod(0o444)
+    args = _imagenet_args(tmp_path)
+    args[args.index("--results.csv_path") + 1] = str(path)
+    with pytest.raises(PermissionError, match="--results.csv_path .* is not writable"):
+        cli_main(args)
