@@ -29,10 +29,8 @@ from ..quant import (
     QuantLayerNorm,
     QuantLinear,
     QuantSoftmax,
-    eager_kernels,
-    with_scratch_scope,
 )
-from .layers import QuantMlp, QuantPatchEmbed, check_input_size, init_weights
+from .layers import QuantMlp, QuantPatchEmbed, TokenAvgPool, check_input_size, init_weights
 
 __all__ = [
     "QuantWindowAttention",
@@ -335,12 +333,13 @@ class QuantSwinHead(nn.Module):
 
     def __init__(self, dim: int, num_classes: int, qconfig: QuantConfig) -> None:
         super().__init__()
+        self.global_pool = TokenAvgPool()
         self.pool_quant = QuantAct(dim, qconfig.point("activation"))
         self.fc = QuantLinear(dim, num_classes, config=qconfig.point("weight"))
         self.logits_quant = QuantAct(num_classes, qconfig.point("activation"))
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.logits_quant(self.fc(self.pool_quant(eager_kernels.mean(x, dim=1))))
+        return self.logits_quant(self.fc(self.pool_quant(self.global_pool(x))))
 
 
 class QuantSwinTransformer(nn.Module):
@@ -426,7 +425,6 @@ class QuantSwinTransformer(nn.Module):
         """
         return checkpoint_filter_fn(dict(state_dict), self)
 
-    @with_scratch_scope
     def forward_features(self, x: Tensor) -> Tensor:
         """Images ``[B, C, H, W]`` → normalized tokens ``[B, H'*W', num_features]`` (before their point)."""
         check_input_size(x, self.in_chans, self.img_size, self.model_name)
@@ -436,7 +434,6 @@ class QuantSwinTransformer(nn.Module):
             x, point = stage(x, point)
         return self.norm(x, point, self.norm_quant)
 
-    @with_scratch_scope
     def forward(self, x: Tensor) -> Tensor:
         """Images ``[B, in_chans, H, W]`` → logits ``[B, num_classes]``."""
         return self.head(self.norm_quant(self.forward_features(x)))

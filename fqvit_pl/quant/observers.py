@@ -12,17 +12,16 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from . import kernels
 from .bit_type import BitType
 from .functional import (
     channel_layout,
     exact_quantile,
-    extreme_values,
-    ptf_channel_errors,
+    omse_candidates,
     ptf_scales,
     quantile_tail_size,
     range_to_qparams,
 )
-from .omse_search import omse_search
 from .reduce import MergeRule, get_reducer
 
 __all__ = [
@@ -145,7 +144,13 @@ class PercentileObserver(EmaObserver):
 
     upper_q: float = 0.99999
     lower_q: float = 0.00001
-    BATCH_MERGE: ClassVar[dict[str, MergeRule]] = {"upper_tail": "cat", "lower_tail": "cat"}
+    # ``numel`` is already the total over processes when the batch statistics are taken (the
+    # tails' lengths depend on it): every rank holds the same value, kept by "max".
+    BATCH_MERGE: ClassVar[dict[str, MergeRule]] = {
+        "upper_tail": "cat",
+        "lower_tail": "cat",
+        "numel": "max",
+    }
 
     def __init__(
         self, bit_type: BitType, num_channels: int, per_channel: bool, weight: bool = False
@@ -157,18 +162,19 @@ class PercentileObserver(EmaObserver):
     def batch_statistics(self, channels: Tensor) -> dict[str, Tensor]:
         values = channels.t().reshape(-1)  # the same multiset, without copying the transposed view
         # Tails long enough for the quantile of the union of every process's batch.
-        total = int(get_reducer().reduce(torch.tensor(values.numel(), device=values.device), "sum"))
-        self._total = total
+        numel = get_reducer().reduce(torch.tensor(values.numel(), device=values.device), "sum")
+        total = int(numel)
         upper_k = min(values.numel(), quantile_tail_size(total, self.upper_q, values.dtype))
         lower_k = min(values.numel(), quantile_tail_size(total, self.lower_q, values.dtype))
-        upper, lower = extreme_values(values, upper_k, lower_k)
-        return {"upper_tail": upper, "lower_tail": lower}
+        upper, lower = kernels.extreme_values(values, upper_k, lower_k)
+        return {"upper_tail": upper, "lower_tail": lower, "numel": numel}
 
     def fold(self, stats: dict[str, Tensor]) -> None:
+        total = int(stats["numel"])
         super().fold(
             {
-                "max": exact_quantile(stats["upper_tail"], self.upper_q, numel=self._total),
-                "min": exact_quantile(stats["lower_tail"], self.lower_q, numel=self._total),
+                "max": exact_quantile(stats["upper_tail"], self.upper_q, numel=total),
+                "min": exact_quantile(stats["lower_tail"], self.lower_q, numel=total),
             }
         )
 
@@ -176,9 +182,9 @@ class PercentileObserver(EmaObserver):
 class OmseObserver(Observer):
     """Running min/max, then the clipping of 90 shrunk ranges with the least MSE on the last batch (§5).
 
-    The search is :func:`~fqvit_pl.quant.omse_search.omse_search`: the full search's choice (its
-    first minimum of the float64 errors, merged over processes by ``SEARCH_MERGE``), found by exact
-    pruning; ``omse_candidate_errors`` remains the reference it reproduces.
+    The errors of the candidates (:func:`~fqvit_pl.quant.functional.omse_candidate_errors`) are
+    summed over processes by ``SEARCH_MERGE``; the first minimum wins (the earliest candidate wins
+    a tie). :func:`fqvit_pl.quant.kernels.omse_best_candidate` finds it.
     """
 
     SEARCH_MERGE: ClassVar[dict[str, MergeRule]] = {"errors": "sum"}
@@ -195,16 +201,9 @@ class OmseObserver(Observer):
     def compute_qparams(self, x: Tensor) -> tuple[Tensor, Tensor]:
         self._check_observed()
         channels = self._layout(x).float()
-        choice = omse_search(
-            channels,
-            self.min_val,
-            self.max_val,
-            self.bit_type,
-            self.num_candidates,
-            reducer=get_reducer(),
-        )
-        best = choice.index  # first minimum: the earliest candidate wins a tie
-        return range_to_qparams(choice.mins[best], choice.maxs[best], self.bit_type)
+        mins, maxs = omse_candidates(self.min_val, self.max_val, self.num_candidates)
+        best = kernels.omse_best_candidate(channels, mins, maxs, self.bit_type, get_reducer())
+        return range_to_qparams(mins[best], maxs[best], self.bit_type)
 
 
 class PtfObserver(Observer):
@@ -232,7 +231,7 @@ class PtfObserver(Observer):
         self._check_observed()
         channels = self._layout(x).float()
         scales, zero_point = ptf_scales(self.min_val, self.max_val, self.bit_type)
-        errors = ptf_channel_errors(channels, scales, zero_point, self.bit_type)
+        errors = kernels.ptf_channel_errors(channels, scales, zero_point, self.bit_type)
         errors = get_reducer().reduce(errors, self.SEARCH_MERGE["errors"])
         self.alpha.copy_(
             torch.argmin(errors, dim=1)

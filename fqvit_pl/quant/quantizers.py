@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from . import kernels
 from .bit_type import BitType
-from .functional import broadcast_channel, fake_quantize, log2_fake_quantize
+from .functional import broadcast_channel, log2_fake_quantize
 
 __all__ = ["Quantizer", "UniformQuantizer", "Log2Quantizer", "build_quantizer"]
 
@@ -44,7 +45,7 @@ class UniformQuantizer(Quantizer):
     def forward(self, x: Tensor) -> Tensor:
         scale = broadcast_channel(self.scale, x, weight=self.weight)
         zero_point = broadcast_channel(self.zero_point, x, weight=self.weight)
-        return fake_quantize(x, scale, zero_point, self.bit_type)
+        return kernels.fake_quantize(x, scale, zero_point, self.bit_type)
 
 
 class Log2Quantizer(Quantizer):

@@ -75,7 +75,8 @@ def test_exact_quantile_from_tails_only():
 
 def test_omse_errors_are_sums_of_squared_errors():
     x = torch.tensor([[0.0, 0.3, 0.9, 2.1, -0.37]])
-    errors, mins, maxs = Fq.omse_candidate_errors(x, x.min(), x.max(), UINT8, num_candidates=5)
+    mins, maxs = Fq.omse_candidates(x.min(), x.max(), num_candidates=5)
+    errors = Fq.omse_candidate_errors(x, mins, maxs, UINT8)
     for i in range(5):
         lo, hi = -0.37 * (1 - 0.01 * i), 2.1 * (1 - 0.01 * i)
         s = (hi - lo) / 255

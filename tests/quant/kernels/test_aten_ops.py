@@ -1,17 +1,17 @@
 """A compiled model computes the eager model's bits: its float operations run ATen's kernels.
 
-torch.compile generates its own GELU, softmax, LayerNorm, mean and convolution; the wrappers of
-``fqvit_pl.quant.eager_kernels`` keep ATen's, so compiled and eager quantized models agree bit for
+torch.compile generates its own GELU, softmax, LayerNorm, mean and convolution; the dispatcher
+``fqvit_pl.quant.kernels`` keeps ATen's (fqvit_pl.quant.kernels.aten_ops), so compiled and eager quantized models agree bit for
 bit (before them a compiled deit_tiny's logits differed from eager in about half their entries).
 """
 
 import pytest
 import torch
 import torch.nn.functional as F
-from test_speed_paths import TINY, assert_bits_equal
+from kernel_inputs import TINY, assert_bits_equal
 
 from fqvit_pl.models import create_model
-from fqvit_pl.quant import calibrate, disable_quantization, eager_kernels
+from fqvit_pl.quant import calibrate, disable_quantization, kernels
 
 
 def compiled(fn):
@@ -25,18 +25,18 @@ def cases():
     image, weight = torch.randn(2, 3, 16, 16, generator=g), torch.randn(8, 3, 4, 4, generator=g)
     gamma, beta = torch.rand(40, generator=g) + 0.5, torch.randn(40, generator=g)
     return [
-        ("gelu", eager_kernels.gelu, (x,), F.gelu(x)),
-        ("softmax", lambda t: eager_kernels.softmax(t, dim=-1), (x,), x.softmax(dim=-1)),
+        ("gelu", kernels.gelu, (x,), F.gelu(x)),
+        ("softmax", lambda t: kernels.softmax(t, dim=-1), (x,), x.softmax(dim=-1)),
         (
             "layer_norm",
-            lambda t: eager_kernels.layer_norm(t, (40,), gamma, beta, 1e-6),
+            lambda t: kernels.layer_norm(t, (40,), gamma, beta, 1e-6),
             (x,),
             F.layer_norm(x, (40,), gamma, beta, 1e-6),
         ),
-        ("mean", lambda t: eager_kernels.mean(t, dim=1), (x,), x.mean(dim=1)),
+        ("mean", lambda t: kernels.mean(t, dim=1), (x,), x.mean(dim=1)),
         (
             "conv2d",
-            lambda t: eager_kernels.conv2d(t, weight, None, (4, 4), (1, 1), (1, 1), 1),
+            lambda t: kernels.conv2d(t, weight, None, (4, 4), (1, 1), (1, 1), 1),
             (image,),
             F.conv2d(image, weight, None, 4, 1),
         ),
