@@ -143,3 +143,27 @@ def test_compiled_quantized_model_is_the_eager_model():
         eager = model(images)
         torch._dynamo.reset()
         assert_bits_equal(torch.compile(model)(images), eager)
+
+
+def test_with_the_fast_kernels_off_inductor_compiles_the_float_operations():
+    torch.manual_seed(0)
+    model = create_model("deit_tiny", ptf=False, lis=False, model_kwargs=TINY["deit_tiny"]).eval()
+    size = TINY["deit_tiny"]["img_size"]
+    images = torch.randn(2, 3, size, size)
+    calibrate(model, [images])
+    with kernels.fast_kernels(False):
+        found = traced_float_ops(model, images)
+    assert not any(op.startswith("fqvit.") for op in found) and found
+
+
+def test_a_directly_built_model_gets_the_float_modules_from_use_fast_float_ops():
+    from fqvit_pl.models import QuantSwinTransformer, use_fast_float_ops
+    from fqvit_pl.quant import QuantConfig
+
+    model = QuantSwinTransformer(QuantConfig(), **TINY["swin_tiny"])
+    assert type(model.layers[0].blocks[0].mlp.act) is torch.nn.GELU
+    use_fast_float_ops(model)
+    assert isinstance(model.layers[0].blocks[0].mlp.act, kernels.GELU)
+    assert isinstance(model.head.global_pool, kernels.Mean)
+    x = torch.randn(2, 5, 7)
+    assert torch.equal(model.head.global_pool(x), x.mean(dim=1))
