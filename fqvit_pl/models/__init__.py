@@ -4,7 +4,7 @@
 the eight networks of the published table (:func:`list_models`); :func:`load_checkpoint` loads timm,
 original-release or our own checkpoints strictly; :func:`create_eval_transform` is the §10
 preprocessing of a model. Before :func:`fqvit_pl.quant.calibrate` a network computes in float and
-equals timm's model with the same weights.
+equals timm's model with the same weights. Section numbers refer to ``docs/method.md``.
 """
 
 from .checkpoint import (

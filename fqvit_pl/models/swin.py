@@ -73,7 +73,7 @@ def shifted_window_mask(
 
 
 class QuantWindowAttention(nn.Module):
-    """Window attention with relative position bias (§6.3) on ``[B*windows, N, dim]``.
+    """Window attention with relative position bias (§6, Swin step 3) on ``[B*windows, N, dim]``.
 
     ``t = Q(qkv(h))``; ``q *= head_dim**-0.5``; ``a = Q(q @ k^T)``; ``a = Q(a + Q(table)[index])``;
     ``a += mask`` (unquantized); ``p = Softmax_q(a)``; ``o = Q(merge_heads(p @ v))``; ``Q(proj(o))``.
@@ -146,7 +146,7 @@ class QuantWindowAttention(nn.Module):
 
 
 class QuantSwinBlock(nn.Module):
-    """Swin block of §6.2 on ``[B, H*W, dim]`` tokens; names ``norm1``, ``attn``, ``norm2``, ``mlp`` as timm.
+    """Swin block of §6 (Swin step 2) on ``[B, H*W, dim]`` tokens; names ``norm1``, ``attn``, ``norm2``, ``mlp`` as timm.
 
     ``h = Q(norm1(x))``; (shifted) window attention; ``x = LNQ(x + h)``; ``h = Q(norm2(x))``;
     ``x = LNQ(x + mlp(h))``. As in timm, a window no smaller than the resolution is clipped to it and
@@ -224,7 +224,7 @@ class QuantSwinBlock(nn.Module):
 
 
 class QuantPatchMerging(nn.Module):
-    """Patch merging of §6.4: ``[B, H*W, dim]`` → ``[B, ceil(H/2)*ceil(W/2), out_dim]``.
+    """Patch merging of §6 (Swin step 4): ``[B, H*W, dim]`` → ``[B, ceil(H/2)*ceil(W/2), out_dim]``.
 
     Gathers each 2x2 neighbourhood into ``4*dim`` channels in timm's order (blocks of ``dim``:
     (row 0, col 0), (row 1, col 0), (row 0, col 1), (row 1, col 1)), then ``norm``, ``Q(x)``, the
@@ -326,7 +326,7 @@ class QuantSwinStage(nn.Module):
 
 
 class QuantSwinHead(nn.Module):
-    """Average pool over tokens, ``Q(x)``, ``fc``, ``Q(logits)`` (§6.5): ``[B, L, C]`` → ``[B, classes]``.
+    """Average pool over tokens, ``Q(x)``, ``fc``, ``Q(logits)`` (§6, Swin step 5): ``[B, L, C]`` → ``[B, classes]``.
 
     Named ``head`` with a ``fc`` Linear, like timm's ``ClassifierHead``.
     """

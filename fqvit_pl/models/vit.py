@@ -22,7 +22,7 @@ __all__ = ["QuantAttention", "QuantBlock", "QuantVisionTransformer"]
 
 
 class QuantAttention(nn.Module):
-    """Multi-head self-attention of §6.5 on ``[B, N, dim]`` tokens; names ``qkv``, ``proj`` as timm.
+    """Multi-head self-attention of §6 (ViT step 5) on ``[B, N, dim]`` tokens; names ``qkv``, ``proj`` as timm.
 
     ``t = Q(qkv(h))``; ``a = Q((q @ k^T) * head_dim**-0.5)``; ``p = Softmax_q(a)``;
     ``o = Q(merge_heads(p @ v))``; ``out = Q(proj(o))``.
@@ -61,7 +61,7 @@ class QuantAttention(nn.Module):
 
 
 class QuantBlock(nn.Module):
-    """Pre-norm transformer block of §6.4 on ``[B, N, dim]``; names ``norm1``, ``attn``, ``norm2``, ``mlp``.
+    """Pre-norm transformer block of §6 (ViT step 4) on ``[B, N, dim]``; names ``norm1``, ``attn``, ``norm2``, ``mlp``.
 
     ``h = Q(norm1(x))``; ``x = LNQ(x + attn(h))``; ``h = Q(norm2(x))``; ``x = LNQ(x + mlp(h))``.
     ``forward(x, in_point)`` takes the point that produced ``x`` (the integer ``norm1`` reads its scales).

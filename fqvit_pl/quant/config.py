@@ -1,4 +1,4 @@
-"""The configuration of one run: (method, ptf, lis) expanded to the per-role table of contract §2."""
+"""The configuration of one run: (method, ptf, lis) expanded to the per-role table of docs/method.md §2."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Observers (contract §3, §5): modules that gather range statistics and turn them into qparams.
+"""Observers (docs/method.md §3, §5): modules that gather range statistics and turn them into qparams.
 
 Every statistic lives in a registered buffer of final shape, so a checkpoint carries it. Each
 observer declares how its per-batch statistics merge (``BATCH_MERGE``) and how the errors of its
