@@ -7,7 +7,7 @@ checkpoints do not have. Section numbers refer to ``docs/method.md``.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from timm.layers import to_2tuple, trunc_normal_
 from torch import Tensor, nn

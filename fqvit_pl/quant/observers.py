@@ -32,6 +32,7 @@ __all__ = [
     "OmseObserver",
     "PtfObserver",
     "build_observer",
+    "OBSERVER_CLASSES",
 ]
 
 
@@ -44,10 +45,16 @@ class Observer(nn.Module):
 
     BATCH_MERGE: ClassVar[dict[str, MergeRule]] = {"min": "min", "max": "max"}
     SEARCH_MERGE: ClassVar[dict[str, MergeRule]] = {}
+    #: The name configurations use, and what the observer supports (see :meth:`check_supported`).
+    NAME: ClassVar[str] = "observer"
+    PER_CHANNEL: ClassVar[bool] = True
+    PER_TENSOR: ClassVar[bool] = True
+    SIGNED: ClassVar[bool] = True
 
     def __init__(
         self, bit_type: BitType, num_channels: int, per_channel: bool, weight: bool = False
     ) -> None:
+        self.check_supported(bit_type, per_channel)
         super().__init__()
         self.bit_type = bit_type
         self.num_channels = num_channels
@@ -58,6 +65,20 @@ class Observer(nn.Module):
         self.register_buffer("max_val", torch.full(shape, float("-inf")))
         self.register_buffer("num_batches", torch.zeros((), dtype=torch.long))
         self.name = type(self).__name__
+
+    @classmethod
+    def check_supported(cls, bit_type: BitType, per_channel: bool) -> None:
+        """Raise ``ValueError`` unless this observer supports the granularity and the bit type."""
+        if not (cls.PER_CHANNEL if per_channel else cls.PER_TENSOR):
+            only = "channel" if cls.PER_CHANNEL else "tensor"
+            raise ValueError(
+                f"the {cls.NAME} observer is per {only} only: granularity must be {only!r}"
+            )
+        if bit_type.signed and not cls.SIGNED:
+            raise ValueError(
+                f"the {cls.NAME} observer is asymmetric: it needs an unsigned bit type, "
+                f"got {bit_type.name}"
+            )
 
     def extra_repr(self) -> str:
         return f"{self.bit_type.name}, channels={self.num_channels}, per_channel={self.per_channel}"
@@ -125,10 +146,13 @@ class Observer(nn.Module):
 class MinMaxObserver(Observer):
     """Running minimum and maximum over all batches (§5 minmax)."""
 
+    NAME: ClassVar[str] = "minmax"
+
 
 class EmaObserver(Observer):
     """First batch sets the range, later ones move it 1% of the way: ``m += 0.01 * (batch_m - m)``."""
 
+    NAME: ClassVar[str] = "ema"
     momentum: float = 0.01
 
     def fold(self, stats: dict[str, Tensor]) -> None:
@@ -142,6 +166,8 @@ class EmaObserver(Observer):
 class PercentileObserver(EmaObserver):
     """Per batch, the 0.99999 / 0.00001 quantiles of all elements (exact, any size), then the ema (§5)."""
 
+    NAME: ClassVar[str] = "percentile"
+    PER_CHANNEL: ClassVar[bool] = False
     upper_q: float = 0.99999
     lower_q: float = 0.00001
     # ``numel`` is already the total over processes when the batch statistics are taken (the
@@ -151,13 +177,6 @@ class PercentileObserver(EmaObserver):
         "lower_tail": "cat",
         "numel": "max",
     }
-
-    def __init__(
-        self, bit_type: BitType, num_channels: int, per_channel: bool, weight: bool = False
-    ) -> None:
-        if per_channel:
-            raise ValueError("the percentile observer is per tensor only")
-        super().__init__(bit_type, num_channels, per_channel, weight)
 
     def batch_statistics(self, channels: Tensor) -> dict[str, Tensor]:
         values = channels.t().reshape(-1)  # the same multiset, without copying the transposed view
@@ -188,14 +207,10 @@ class OmseObserver(Observer):
     """
 
     SEARCH_MERGE: ClassVar[dict[str, MergeRule]] = {"errors": "sum"}
+    NAME: ClassVar[str] = "omse"
+    PER_CHANNEL: ClassVar[bool] = False
+    SIGNED: ClassVar[bool] = False
     num_candidates: int = 90
-
-    def __init__(
-        self, bit_type: BitType, num_channels: int, per_channel: bool, weight: bool = False
-    ) -> None:
-        if per_channel or bit_type.signed:
-            raise ValueError("the omse observer is per tensor and unsigned (asymmetric) only")
-        super().__init__(bit_type, num_channels, per_channel, weight)
 
     @torch.no_grad()
     def compute_qparams(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -213,12 +228,13 @@ class PtfObserver(Observer):
     """
 
     SEARCH_MERGE: ClassVar[dict[str, MergeRule]] = {"errors": "sum"}
+    NAME: ClassVar[str] = "ptf"
+    PER_TENSOR: ClassVar[bool] = False
+    SIGNED: ClassVar[bool] = False
 
     def __init__(
         self, bit_type: BitType, num_channels: int, per_channel: bool = True, weight: bool = False
     ) -> None:
-        if not per_channel or bit_type.signed:
-            raise ValueError("the ptf observer is per channel and unsigned only")
         super().__init__(bit_type, num_channels, per_channel, weight)
         self.register_buffer("alpha", torch.zeros(num_channels, dtype=torch.long))
 
@@ -239,12 +255,10 @@ class PtfObserver(Observer):
         return scales[self.alpha], zero_point.expand(self.num_channels).clone()
 
 
-_OBSERVERS: dict[str, type[Observer]] = {
-    "minmax": MinMaxObserver,
-    "ema": EmaObserver,
-    "percentile": PercentileObserver,
-    "omse": OmseObserver,
-    "ptf": PtfObserver,
+#: Every observer by the name configurations use.
+OBSERVER_CLASSES: dict[str, type[Observer]] = {
+    cls.NAME: cls
+    for cls in (MinMaxObserver, EmaObserver, PercentileObserver, OmseObserver, PtfObserver)
 }
 
 
@@ -252,6 +266,6 @@ def build_observer(
     kind: str, bit_type: BitType, num_channels: int, per_channel: bool, weight: bool = False
 ) -> Observer:
     """Instantiate the observer named ``kind`` (minmax, ema, percentile, omse, ptf)."""
-    if kind not in _OBSERVERS:
-        raise ValueError(f"unknown observer {kind!r}; choose one of {tuple(_OBSERVERS)}")
-    return _OBSERVERS[kind](bit_type, num_channels, per_channel, weight)
+    if kind not in OBSERVER_CLASSES:
+        raise ValueError(f"unknown observer {kind!r}; choose one of {tuple(OBSERVER_CLASSES)}")
+    return OBSERVER_CLASSES[kind](bit_type, num_channels, per_channel, weight)

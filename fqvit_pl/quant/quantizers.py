@@ -9,7 +9,13 @@ from . import kernels
 from .bit_type import BitType
 from .functional import broadcast_channel, log2_fake_quantize
 
-__all__ = ["Quantizer", "UniformQuantizer", "Log2Quantizer", "build_quantizer"]
+__all__ = [
+    "Quantizer",
+    "UniformQuantizer",
+    "Log2Quantizer",
+    "build_quantizer",
+    "QUANTIZER_CLASSES",
+]
 
 
 class Quantizer(nn.Module):
@@ -55,6 +61,13 @@ class Log2Quantizer(Quantizer):
         return log2_fake_quantize(x, self.bit_type)
 
 
+#: Every quantizer by the name configurations use.
+QUANTIZER_CLASSES: dict[str, type[Quantizer]] = {
+    "uniform": UniformQuantizer,
+    "log2": Log2Quantizer,
+}
+
+
 def build_quantizer(
     kind: str, bit_type: BitType, num_channels: int, per_channel: bool, weight: bool = False
 ) -> Quantizer:
@@ -63,4 +76,4 @@ def build_quantizer(
         return UniformQuantizer(bit_type, num_channels, per_channel, weight)
     if kind == "log2":
         return Log2Quantizer(bit_type)
-    raise ValueError(f"unknown quantizer {kind!r}; choose uniform or log2")
+    raise ValueError(f"unknown quantizer {kind!r}; choose one of {tuple(QUANTIZER_CLASSES)}")

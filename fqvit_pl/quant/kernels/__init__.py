@@ -22,7 +22,7 @@ off, or no input requiring grad) and float32 data where stated; otherwise the pl
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor, nn

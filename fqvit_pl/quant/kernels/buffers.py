@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import math
 import threading
-from typing import Callable, Sequence
+from collections.abc import Sequence
+from typing import Callable
 
 import torch
 from torch import Tensor
