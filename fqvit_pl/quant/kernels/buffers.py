@@ -1,9 +1,8 @@
 """The one buffer pool of fqvit_pl.quant: temporaries that the fast kernels reuse from call to call.
 
 Allocated and freed per call, multi-megabyte temporaries make glibc's ``malloc`` shrink and regrow
-its heap over and over, and on CPU every regrowth costs a page fault per 4 KiB: in the eager
-integer LayerNorm and Log-Int-Softmax that was about 40% of a quantized forward on one thread.
-Here each temporary has a name; the memory behind a name is allocated once per thread (and
+its heap over and over, and on CPU every regrowth costs a page fault per 4 KiB, a large share of
+the eager integer LayerNorm and Log-Int-Softmax (``benchmarks/README.md`` has the numbers). Here each temporary has a name; the memory behind a name is allocated once per thread (and
 device, and inference mode), grown when a larger tensor is asked for, and reused by every later
 call. It stays allocated until :func:`release_buffers`. A kernel never returns or keeps a pooled
 tensor: its result is always a fresh tensor.
