@@ -3,11 +3,11 @@
 torch.compile (inductor) generates its own code for GELU, softmax, LayerNorm and mean reductions
 and picks its own memory layout and algorithm for convolutions. Their results can differ from
 ATen's in the last bit, and the quantization point that follows turns such a difference into a
-whole level now and then, which then spreads through the network. Each operation here is registered as a custom op (``torch.ops.fqvit.*``)
-around the ATen call, which inductor leaves opaque and hands its inputs in eager's strides
-(``needs_fixed_stride_order``: a convolution's algorithm depends on its input's layout). The
-fake versions run the same calls on fake tensors: eager's output shapes and strides.
-Elementwise arithmetic and matmuls need nothing: both compute them as eager does.
+whole level now and then, which then spreads through the network. Each operation here is registered
+as a custom op (``torch.ops.fqvit.*``) around the ATen call, which inductor leaves opaque and hands
+its inputs in eager's strides (``needs_fixed_stride_order``: a convolution's algorithm depends on
+its input's layout). The fake versions run the same calls on fake tensors: eager's output shapes
+and strides. Elementwise arithmetic and matmuls need nothing: both compute them as eager does.
 """
 
 from __future__ import annotations

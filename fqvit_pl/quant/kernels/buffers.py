@@ -2,10 +2,11 @@
 
 Allocated and freed per call, multi-megabyte temporaries make glibc's ``malloc`` shrink and regrow
 its heap over and over, and on CPU every regrowth costs a page fault per 4 KiB, a large share of
-the eager integer LayerNorm and Log-Int-Softmax (``benchmarks/README.md`` has the numbers). Here each temporary has a name; the memory behind a name is allocated once per thread (and
-device, and inference mode), grown when a larger tensor is asked for, and reused by every later
-call. It stays allocated until :func:`release_buffers`. A kernel never returns or keeps a pooled
-tensor: its result is always a fresh tensor.
+the eager integer LayerNorm and Log-Int-Softmax (``benchmarks/README.md`` has the numbers). Here
+each temporary has a name; the memory behind a name is allocated once per thread (and device, and
+inference mode), grown when a larger tensor is asked for, and reused by every later call. It stays
+allocated until :func:`release_buffers`. A kernel never returns or keeps a pooled tensor: its
+result is always a fresh tensor.
 """
 
 from __future__ import annotations

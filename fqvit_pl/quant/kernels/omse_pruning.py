@@ -6,7 +6,8 @@ tensor. Here one cheap pass gives every candidate a rigorous interval ``lo_i <= 
 the very float64 number ``E_i`` the full search computes (reduced over processes as it is); a
 candidate with ``lo_i > min_j hi_j`` cannot be a minimizer. Usually one candidate survives and no
 exact error is computed at all; otherwise the survivors' errors are computed by the full search's
-own chunked row sums (:func:`survivor_errors`), bit for bit its numbers, and the first minimum among them is its choice.
+own chunked row sums (:func:`survivor_errors`), bit for bit its numbers, and the first minimum
+among them is its choice.
 
 Proof (details at each function):
 
@@ -17,8 +18,10 @@ Proof (details at each function):
    ``fl(V - 1/2) + 1.5 * 2**52`` (``|U - (V - 1/2)| <= 1/2 + 2**(F - 34)``: the same ``U <= V <= U + 1``
    up to the rounding), gives the bin ``U >> F`` and the fraction field ``U & (2**F - 1)``. So every
    element counted in bin ``b`` has ``x = w (first + b + rho)`` with ``rho`` within
-   ``[f 2**-F - ETA, (f + 1) 2**-F + ETA]`` (``ETA = 2**-34``). Counts and fraction fields are summed in int64: exact, in any order.
-2. One candidate (:func:`error_bounds`, step by step in the functions it calls), scale ``s`` and zero point ``z``. Its code
+   ``[f 2**-F - ETA, (f + 1) 2**-F + ETA]`` (``ETA = 2**-34``). Counts and fraction fields are
+   summed in int64: exact, in any order.
+2. One candidate (:func:`error_bounds`, step by step in the functions it calls), scale ``s`` and
+   zero point ``z``. Its code
    ``q(x) = clamp(round(x / s + z))`` in float32 is non-decreasing in ``x`` (each IEEE step is), and so
    is ``g(q) = (q - z) * s``. Evaluated with the full search's float32 operations at float32 edges
    ``L <= x <= U`` of a run of bins (``ETA``-widened, rounded outwards), it bounds the codes there:
@@ -292,7 +295,8 @@ def _round_half_even(v: Tensor) -> Tensor:
 
 
 def _codes(points: Tensor, scales: Tensor, zero_points: Tensor, bit_type: BitType) -> Tensor:
-    """The full search's integer code of float32 ``points`` ``[K, M]`` under ``scales``/``zero_points`` ``[K, 1]``."""
+    """The full search's integer code of float32 ``points`` ``[K, M]`` under ``scales`` and
+    ``zero_points`` ``[K, 1]``."""
     # Same float32 operations as the full search (x / s + z), then its round and clamp: beyond
     # 2**22 the clamp decides whatever the rounding.
     v = torch.div(points, scales).add_(zero_points)
@@ -476,7 +480,8 @@ def _segment_bounds(
     m0f, m1f, m2f = count.double(), m1.double(), m2.double()
     h = _dequantize(pieces.segment_code, scales32, zero_points32).double()
     h.mul_(1.0 / w).sub_((b0 + stats.first).double())
-    # X in [x_lo, x_lo + x_width], Y in [y_lo, y_lo + y_width]: f 2**-F - ETA <= rho <= (f + 1) 2**-F + ETA.
+    # X in [x_lo, x_lo + x_width], Y in [y_lo, y_lo + y_width], as
+    # f 2**-F - ETA <= rho <= (f + 1) 2**-F + ETA.
     x_lo = sum_f.double().mul_(step).sub_(m0f, alpha=ETA)
     x_width = m0f * (step + 2 * ETA)
     y_lo = frac_beta.double().mul_(step).sub_(m1f, alpha=ETA)
