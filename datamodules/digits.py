@@ -8,17 +8,12 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from datamodules.imagenet import calibration_subset
+from datamodules.imagenet import calibration_subset, check_int
 from fqvit_pl.distributed import eval_sampler
 
 __all__ = ["DigitsDataModule"]
 
 _MAX_PIXEL = 16.0  # load_digits pixels are integers 0..16
-
-
-def _check_int(name: str, value: int, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
 def _three_channels(images: torch.Tensor) -> torch.Tensor:
@@ -61,13 +56,13 @@ class DigitsDataModule(pl.LightningDataModule):
         limit: Optional[int] = None,
     ) -> None:
         super().__init__()
-        _check_int("img_size", img_size, 8)
-        _check_int("batch_size", batch_size, 1)
-        _check_int("num_workers", num_workers, 0)
-        _check_int("calib_batch_size", calib_batch_size, 1)
-        _check_int("num_calib_batches", num_calib_batches, 1)
+        check_int("img_size", img_size, 8)
+        check_int("batch_size", batch_size, 1)
+        check_int("num_workers", num_workers, 0)
+        check_int("calib_batch_size", calib_batch_size, 1)
+        check_int("num_calib_batches", num_calib_batches, 1)
         if limit is not None:
-            _check_int("limit", limit, 2)
+            check_int("limit", limit, 2)
         if not 0.0 < float(val_fraction) < 1.0:
             raise ValueError(
                 f"val_fraction must lie strictly between 0 and 1, got {val_fraction!r}"

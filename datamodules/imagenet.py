@@ -85,7 +85,8 @@ def calibration_subset(
     return Subset(dataset, indices.tolist())
 
 
-def _positive_int(name: str, value: int, minimum: int = 1) -> None:
+def check_int(name: str, value: int, minimum: int = 1) -> None:
+    """Raise ``ValueError`` naming the option unless ``value`` is an int ``>= minimum``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
@@ -138,11 +139,11 @@ class ImageNetDataModule(pl.LightningDataModule):
         pin_memory: bool = True,
     ) -> None:
         super().__init__()
-        _positive_int("img_size", img_size)
-        _positive_int("batch_size", batch_size)
-        _positive_int("num_workers", num_workers, minimum=0)
-        _positive_int("calib_batch_size", calib_batch_size)
-        _positive_int("num_calib_batches", num_calib_batches)
+        check_int("img_size", img_size)
+        check_int("batch_size", batch_size)
+        check_int("num_workers", num_workers, minimum=0)
+        check_int("calib_batch_size", calib_batch_size)
+        check_int("num_calib_batches", num_calib_batches)
         if train_transform not in _TRAIN_TRANSFORMS:
             raise ValueError(
                 f"train_transform must be one of {_TRAIN_TRANSFORMS}, got {train_transform!r}"

@@ -3,24 +3,46 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from torch import nn
 
-from ..quant import ROLES, QuantConfig
+from ..quant import ROLES, QuantConfig, kernels
 from .checkpoint import load_checkpoint
+from .layers import TokenAvgPool
 from .preprocess import resolve_data_config
 from .registry import ModelSpec, resolve_model_name
 from .swin import QuantSwinTransformer
 from .vit import QuantVisionTransformer
 
-__all__ = ["create_model", "PretrainedWeightsError"]
+__all__ = ["create_model", "PretrainedWeightsError", "use_fast_float_ops"]
 
 _BUILDERS: dict[str, type[nn.Module]] = {
     "deit": QuantVisionTransformer,
     "vit": QuantVisionTransformer,
     "swin": QuantSwinTransformer,
 }
+
+
+def use_fast_float_ops(model: nn.Module) -> nn.Module:
+    """Swap the float GELU and token pooling of ``model`` for those of :mod:`fqvit_pl.quant.kernels`.
+
+    They compute the same values, and under torch.compile they run ATen's kernels as eager does,
+    so that a compiled quantized model keeps the eager model's bits (the quantized layers route
+    their own float operations the same way). :func:`create_model` applies it; call it on a
+    network built directly. Changes ``model`` in place and returns it.
+    """
+    replacements = {
+        nn.GELU: lambda module: kernels.GELU() if module.approximate == "none" else module,
+        TokenAvgPool: lambda module: kernels.Mean(dim=1),
+    }
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            replace = replacements.get(type(child))
+            if replace is not None:
+                setattr(parent, name, replace(child))
+    return model
 
 
 def _architecture_kwargs(spec: ModelSpec, model_kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -142,6 +164,7 @@ def create_model(
     builder = _BUILDERS[spec.family]
     extra = {"input_quant": spec.input_quant} if builder is QuantVisionTransformer else {}
     model = builder(qconfig, num_classes=num_classes, model_name=spec.name, **extra, **arch_kwargs)
+    use_fast_float_ops(model)
     in_chans, height, width = model.pretrained_cfg["input_size"]
     data_config = resolve_data_config(spec.name, img_size=height)
     model.pretrained_cfg = {

@@ -1,20 +1,20 @@
-"""Building blocks shared by the quantized ViT/DeiT and Swin: patch embedding, Mlp, input check, init.
+"""Building blocks shared by the quantized ViT/DeiT and Swin: patch embedding, Mlp, pooling, input check, init.
 
 Parameter names follow timm (``patch_embed.proj``, ``patch_embed.norm``, ``mlp.fc1``, ``mlp.fc2``) so
 timm's state dicts load unchanged; the quantization points (``*_quant``) hold only buffers that timm
-checkpoints do not have. Section numbers refer to ``shared/docs/fqvit-method.md``.
+checkpoints do not have. Section numbers refer to ``docs/method.md``.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from timm.layers import to_2tuple, trunc_normal_
 from torch import Tensor, nn
 
-from ..quant import QuantAct, QuantConfig, QuantConv2d, QuantLayerNorm, QuantLinear, eager_kernels
+from ..quant import QuantAct, QuantConfig, QuantConv2d, QuantLayerNorm, QuantLinear
 
-__all__ = ["GELU", "QuantPatchEmbed", "QuantMlp", "check_input_size", "init_weights"]
+__all__ = ["QuantPatchEmbed", "QuantMlp", "TokenAvgPool", "check_input_size", "init_weights"]
 
 
 class QuantPatchEmbed(nn.Module):
@@ -72,14 +72,6 @@ class QuantPatchEmbed(nn.Module):
         return x
 
 
-class GELU(nn.GELU):
-    """``nn.GELU`` (erf form) that runs ATen's kernel also under torch.compile, so that a compiled
-    model keeps eager's bits (:mod:`fqvit_pl.quant.eager_kernels`)."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        return eager_kernels.gelu(x)
-
-
 class QuantMlp(nn.Module):
     """``Q(fc2(Q(GELU(fc1(x)))))`` (§6): the fc1 output is not quantized before the GELU.
 
@@ -89,13 +81,20 @@ class QuantMlp(nn.Module):
     def __init__(self, dim: int, hidden_dim: int, qconfig: QuantConfig) -> None:
         super().__init__()
         self.fc1 = QuantLinear(dim, hidden_dim, config=qconfig.point("weight"))
-        self.act = GELU()
+        self.act = nn.GELU()
         self.act_quant = QuantAct(hidden_dim, qconfig.point("activation"))
         self.fc2 = QuantLinear(hidden_dim, dim, config=qconfig.point("weight"))
         self.fc2_quant = QuantAct(dim, qconfig.point("activation"))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc2_quant(self.fc2(self.act_quant(self.act(self.fc1(x)))))
+
+
+class TokenAvgPool(nn.Module):
+    """The average over the tokens: ``[B, L, C]`` → ``[B, C]`` (the global pool of a Swin head)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.mean(dim=1)
 
 
 def check_input_size(x: Tensor, in_chans: int, img_size: tuple[int, int], model_name: str) -> None:

@@ -29,10 +29,8 @@ from ..quant import (
     QuantLayerNorm,
     QuantLinear,
     QuantSoftmax,
-    eager_kernels,
-    with_scratch_scope,
 )
-from .layers import QuantMlp, QuantPatchEmbed, check_input_size, init_weights
+from .layers import QuantMlp, QuantPatchEmbed, TokenAvgPool, check_input_size, init_weights
 
 __all__ = [
     "QuantWindowAttention",
@@ -75,7 +73,7 @@ def shifted_window_mask(
 
 
 class QuantWindowAttention(nn.Module):
-    """Window attention with relative position bias (§6.3) on ``[B*windows, N, dim]``.
+    """Window attention with relative position bias (§6, Swin step 3) on ``[B*windows, N, dim]``.
 
     ``t = Q(qkv(h))``; ``q *= head_dim**-0.5``; ``a = Q(q @ k^T)``; ``a = Q(a + Q(table)[index])``;
     ``a += mask`` (unquantized); ``p = Softmax_q(a)``; ``o = Q(merge_heads(p @ v))``; ``Q(proj(o))``.
@@ -148,7 +146,7 @@ class QuantWindowAttention(nn.Module):
 
 
 class QuantSwinBlock(nn.Module):
-    """Swin block of §6.2 on ``[B, H*W, dim]`` tokens; names ``norm1``, ``attn``, ``norm2``, ``mlp`` as timm.
+    """Swin block of §6 (Swin step 2) on ``[B, H*W, dim]`` tokens; names ``norm1``, ``attn``, ``norm2``, ``mlp`` as timm.
 
     ``h = Q(norm1(x))``; (shifted) window attention; ``x = LNQ(x + h)``; ``h = Q(norm2(x))``;
     ``x = LNQ(x + mlp(h))``. As in timm, a window no smaller than the resolution is clipped to it and
@@ -226,7 +224,7 @@ class QuantSwinBlock(nn.Module):
 
 
 class QuantPatchMerging(nn.Module):
-    """Patch merging of §6.4: ``[B, H*W, dim]`` → ``[B, ceil(H/2)*ceil(W/2), out_dim]``.
+    """Patch merging of §6 (Swin step 4): ``[B, H*W, dim]`` → ``[B, ceil(H/2)*ceil(W/2), out_dim]``.
 
     Gathers each 2x2 neighbourhood into ``4*dim`` channels in timm's order (blocks of ``dim``:
     (row 0, col 0), (row 1, col 0), (row 0, col 1), (row 1, col 1)), then ``norm``, ``Q(x)``, the
@@ -328,19 +326,20 @@ class QuantSwinStage(nn.Module):
 
 
 class QuantSwinHead(nn.Module):
-    """Average pool over tokens, ``Q(x)``, ``fc``, ``Q(logits)`` (§6.5): ``[B, L, C]`` → ``[B, classes]``.
+    """Average pool over tokens, ``Q(x)``, ``fc``, ``Q(logits)`` (§6, Swin step 5): ``[B, L, C]`` → ``[B, classes]``.
 
     Named ``head`` with a ``fc`` Linear, like timm's ``ClassifierHead``.
     """
 
     def __init__(self, dim: int, num_classes: int, qconfig: QuantConfig) -> None:
         super().__init__()
+        self.global_pool = TokenAvgPool()
         self.pool_quant = QuantAct(dim, qconfig.point("activation"))
         self.fc = QuantLinear(dim, num_classes, config=qconfig.point("weight"))
         self.logits_quant = QuantAct(num_classes, qconfig.point("activation"))
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.logits_quant(self.fc(self.pool_quant(eager_kernels.mean(x, dim=1))))
+        return self.logits_quant(self.fc(self.pool_quant(self.global_pool(x))))
 
 
 class QuantSwinTransformer(nn.Module):
@@ -426,7 +425,6 @@ class QuantSwinTransformer(nn.Module):
         """
         return checkpoint_filter_fn(dict(state_dict), self)
 
-    @with_scratch_scope
     def forward_features(self, x: Tensor) -> Tensor:
         """Images ``[B, C, H, W]`` → normalized tokens ``[B, H'*W', num_features]`` (before their point)."""
         check_input_size(x, self.in_chans, self.img_size, self.model_name)
@@ -436,7 +434,6 @@ class QuantSwinTransformer(nn.Module):
             x, point = stage(x, point)
         return self.norm(x, point, self.norm_quant)
 
-    @with_scratch_scope
     def forward(self, x: Tensor) -> Tensor:
         """Images ``[B, in_chans, H, W]`` → logits ``[B, num_classes]``."""
         return self.head(self.norm_quant(self.forward_features(x)))

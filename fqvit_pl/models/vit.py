@@ -15,21 +15,14 @@ from timm.layers import trunc_normal_
 from timm.models.vision_transformer import checkpoint_filter_fn
 from torch import Tensor, nn
 
-from ..quant import (
-    QuantAct,
-    QuantConfig,
-    QuantLayerNorm,
-    QuantLinear,
-    QuantSoftmax,
-    with_scratch_scope,
-)
+from ..quant import QuantAct, QuantConfig, QuantLayerNorm, QuantLinear, QuantSoftmax
 from .layers import QuantMlp, QuantPatchEmbed, check_input_size, init_weights
 
 __all__ = ["QuantAttention", "QuantBlock", "QuantVisionTransformer"]
 
 
 class QuantAttention(nn.Module):
-    """Multi-head self-attention of §6.5 on ``[B, N, dim]`` tokens; names ``qkv``, ``proj`` as timm.
+    """Multi-head self-attention of §6 (ViT step 5) on ``[B, N, dim]`` tokens; names ``qkv``, ``proj`` as timm.
 
     ``t = Q(qkv(h))``; ``a = Q((q @ k^T) * head_dim**-0.5)``; ``p = Softmax_q(a)``;
     ``o = Q(merge_heads(p @ v))``; ``out = Q(proj(o))``.
@@ -68,7 +61,7 @@ class QuantAttention(nn.Module):
 
 
 class QuantBlock(nn.Module):
-    """Pre-norm transformer block of §6.4 on ``[B, N, dim]``; names ``norm1``, ``attn``, ``norm2``, ``mlp``.
+    """Pre-norm transformer block of §6 (ViT step 4) on ``[B, N, dim]``; names ``norm1``, ``attn``, ``norm2``, ``mlp``.
 
     ``h = Q(norm1(x))``; ``x = LNQ(x + attn(h))``; ``h = Q(norm2(x))``; ``x = LNQ(x + mlp(h))``.
     ``forward(x, in_point)`` takes the point that produced ``x`` (the integer ``norm1`` reads its scales).
@@ -179,7 +172,6 @@ class QuantVisionTransformer(nn.Module):
         """Convert a foreign ViT/DeiT state dict to timm's layout with timm's own ``checkpoint_filter_fn``."""
         return checkpoint_filter_fn(dict(state_dict), self)
 
-    @with_scratch_scope
     def forward_features(self, x: Tensor) -> Tensor:
         """Images ``[B, C, H, W]`` → normalized tokens ``[B, 1 + N, embed_dim]`` (before the head's point)."""
         check_input_size(x, self.in_chans, self.img_size, self.model_name)
@@ -194,7 +186,6 @@ class QuantVisionTransformer(nn.Module):
             point = block.out_point
         return self.norm(x, point, self.pre_head_quant)
 
-    @with_scratch_scope
     def forward(self, x: Tensor) -> Tensor:
         """Images ``[B, in_chans, H, W]`` → logits ``[B, num_classes]``."""
         x = self.pre_head_quant(self.forward_features(x)[:, 0])

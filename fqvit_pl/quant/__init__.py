@@ -1,10 +1,12 @@
 """fqvit_pl.quant: the quantization parts of FQ-ViT, usable without Lightning.
 
 Bit types, the per-role configuration, observers, quantizers, quantized layers and the
-model-level calibration API. See ``shared/docs/fqvit-method.md`` for the numerical contract.
+model-level calibration API. The formulas are in :mod:`.functional` (each once, as
+``docs/method.md`` states them); the faster kernels that compute the same bits are in
+:mod:`.kernels`, behind one switch: :func:`set_fast_kernels` / :func:`fast_kernels`.
 """
 
-from . import eager_kernels
+from . import functional, kernels
 from .bit_type import BIT_TYPES, BitType, get_bit_type
 from .calibrate import (
     calibrate,
@@ -17,6 +19,7 @@ from .calibrate import (
     reset_calibration,
 )
 from .config import METHODS, ROLES, PointConfig, QuantConfig
+from .kernels import fast_kernels, fast_kernels_enabled, set_fast_kernels
 from .modules import QuantAct, QuantConv2d, QuantLayerNorm, QuantLinear, QuantModule, QuantSoftmax
 from .observers import (
     EmaObserver,
@@ -29,7 +32,6 @@ from .observers import (
 )
 from .quantizers import Log2Quantizer, Quantizer, UniformQuantizer, build_quantizer
 from .reduce import DistributedReducer, LocalReducer, StatReducer, get_reducer, use_reducer
-from .scratch import scratch_scope, with_scratch_scope
 
 __all__ = [
     "BIT_TYPES",
@@ -69,7 +71,9 @@ __all__ = [
     "DistributedReducer",
     "get_reducer",
     "use_reducer",
-    "scratch_scope",
-    "with_scratch_scope",
-    "eager_kernels",
+    "functional",
+    "kernels",
+    "set_fast_kernels",
+    "fast_kernels",
+    "fast_kernels_enabled",
 ]

@@ -1,4 +1,4 @@
-"""Integer types of the quantization grid (contract §1)."""
+"""Integer types of the quantization grid (docs/method.md §1)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The configuration of one run: (method, ptf, lis) expanded to the per-role table of contract §2."""
+"""The configuration of one run: (method, ptf, lis) expanded to the per-role table of docs/method.md §2."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Mapping
 
 from .bit_type import BitType, get_bit_type
+from .observers import OBSERVER_CLASSES
+from .quantizers import QUANTIZER_CLASSES
 
 __all__ = [
     "PointConfig",
@@ -18,8 +20,8 @@ __all__ = [
 ]
 
 METHODS = ("minmax", "ema", "percentile", "omse")
-OBSERVERS = ("minmax", "ema", "percentile", "omse", "ptf")
-QUANTIZERS = ("uniform", "log2")
+OBSERVERS = tuple(OBSERVER_CLASSES)
+QUANTIZERS = tuple(QUANTIZER_CLASSES)
 GRANULARITIES = ("channel", "tensor")
 #: weight: every Linear/Conv2d weight; activation: every Q(x); ln_input: every LNQ(x); softmax: attention probabilities.
 ROLES = ("weight", "activation", "ln_input", "softmax")
@@ -43,12 +45,9 @@ class PointConfig:
             )
         if self.quantizer not in QUANTIZERS:
             raise ValueError(f"unknown quantizer {self.quantizer!r}; choose one of {QUANTIZERS}")
-        if self.observer == "ptf" and self.granularity != "channel":
-            raise ValueError("the ptf observer is per channel: granularity must be 'channel'")
-        if self.observer == "percentile" and self.granularity != "tensor":
-            raise ValueError(
-                "the percentile observer is per tensor only: granularity must be 'tensor'"
-            )
+        OBSERVER_CLASSES[self.observer].check_supported(
+            self.bit_type, self.granularity == "channel"
+        )
 
 
 @dataclass(frozen=True)

@@ -16,9 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import eager_kernels
+from . import kernels
 from .config import PointConfig
-from .functional import build_kernel_tables, int_layernorm, log_int_softmax
 from .observers import build_observer
 from .quantizers import build_quantizer
 
@@ -237,7 +236,7 @@ class QuantConv2d(nn.Conv2d):
             self.padding, str
         ):  # not in our models: inductor's own conv
             return self._conv_forward(x, weight, self.bias)
-        return eager_kernels.conv2d(
+        return kernels.conv2d(
             x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups
         )
 
@@ -258,7 +257,7 @@ class QuantLayerNorm(nn.LayerNorm, QuantModule):
     def set_quantization(self, enabled: bool) -> None:
         super().set_quantization(enabled)
         if enabled and self.integer:
-            build_kernel_tables(self.weight.device)  # so that torch.compile finds them
+            kernels.build_kernel_tables(self.weight.device)  # so that torch.compile finds them
 
     def forward(
         self, x: Tensor, in_point: QuantAct | None = None, out_point: QuantAct | None = None
@@ -268,8 +267,8 @@ class QuantLayerNorm(nn.LayerNorm, QuantModule):
                 raise RuntimeError(
                     f"{self.qname}: the integer LayerNorm needs its input and output points"
                 )
-            return int_layernorm(x, in_point.scale, out_point.scale, self.weight, self.bias)
-        return eager_kernels.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+            return kernels.int_layernorm(x, in_point.scale, out_point.scale, self.weight, self.bias)
+        return kernels.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
 
 
 class QuantSoftmax(QuantModule):
@@ -295,7 +294,7 @@ class QuantSoftmax(QuantModule):
     def set_quantization(self, enabled: bool) -> None:
         super().set_quantization(enabled)
         if enabled and self.lis:
-            build_kernel_tables(
+            kernels.build_kernel_tables(
                 self.quant_enabled.device, lis_bits=self.bit_type.bits
             )  # for torch.compile
 
@@ -307,6 +306,6 @@ class QuantSoftmax(QuantModule):
                     raise RuntimeError(
                         f"{self.qname}: Log-Int-Softmax needs the point that quantized its input"
                     )
-                return log_int_softmax(x, in_point.scale, self.bit_type)
-            return eager_kernels.softmax(x, dim=-1)
-        return self.point(eager_kernels.softmax(x, dim=-1))
+                return kernels.log_int_softmax(x, in_point.scale, self.bit_type)
+            return kernels.softmax(x, dim=-1)
+        return self.point(kernels.softmax(x, dim=-1))

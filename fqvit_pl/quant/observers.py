@@ -1,4 +1,4 @@
-"""Observers (contract §3, §5): modules that gather range statistics and turn them into qparams.
+"""Observers (docs/method.md §3, §5): modules that gather range statistics and turn them into qparams.
 
 Every statistic lives in a registered buffer of final shape, so a checkpoint carries it. Each
 observer declares how its per-batch statistics merge (``BATCH_MERGE``) and how the errors of its
@@ -12,17 +12,16 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from . import kernels
 from .bit_type import BitType
 from .functional import (
     channel_layout,
     exact_quantile,
-    extreme_values,
-    ptf_channel_errors,
+    omse_candidates,
     ptf_scales,
     quantile_tail_size,
     range_to_qparams,
 )
-from .omse_search import omse_search
 from .reduce import MergeRule, get_reducer
 
 __all__ = [
@@ -33,6 +32,7 @@ __all__ = [
     "OmseObserver",
     "PtfObserver",
     "build_observer",
+    "OBSERVER_CLASSES",
 ]
 
 
@@ -45,10 +45,16 @@ class Observer(nn.Module):
 
     BATCH_MERGE: ClassVar[dict[str, MergeRule]] = {"min": "min", "max": "max"}
     SEARCH_MERGE: ClassVar[dict[str, MergeRule]] = {}
+    #: The name configurations use, and what the observer supports (see :meth:`check_supported`).
+    NAME: ClassVar[str] = "observer"
+    PER_CHANNEL: ClassVar[bool] = True
+    PER_TENSOR: ClassVar[bool] = True
+    SIGNED: ClassVar[bool] = True
 
     def __init__(
         self, bit_type: BitType, num_channels: int, per_channel: bool, weight: bool = False
     ) -> None:
+        self.check_supported(bit_type, per_channel)
         super().__init__()
         self.bit_type = bit_type
         self.num_channels = num_channels
@@ -59,6 +65,20 @@ class Observer(nn.Module):
         self.register_buffer("max_val", torch.full(shape, float("-inf")))
         self.register_buffer("num_batches", torch.zeros((), dtype=torch.long))
         self.name = type(self).__name__
+
+    @classmethod
+    def check_supported(cls, bit_type: BitType, per_channel: bool) -> None:
+        """Raise ``ValueError`` unless this observer supports the granularity and the bit type."""
+        if not (cls.PER_CHANNEL if per_channel else cls.PER_TENSOR):
+            only = "channel" if cls.PER_CHANNEL else "tensor"
+            raise ValueError(
+                f"the {cls.NAME} observer is per {only} only: granularity must be {only!r}"
+            )
+        if bit_type.signed and not cls.SIGNED:
+            raise ValueError(
+                f"the {cls.NAME} observer is asymmetric: it needs an unsigned bit type, "
+                f"got {bit_type.name}"
+            )
 
     def extra_repr(self) -> str:
         return f"{self.bit_type.name}, channels={self.num_channels}, per_channel={self.per_channel}"
@@ -126,10 +146,13 @@ class Observer(nn.Module):
 class MinMaxObserver(Observer):
     """Running minimum and maximum over all batches (§5 minmax)."""
 
+    NAME: ClassVar[str] = "minmax"
+
 
 class EmaObserver(Observer):
     """First batch sets the range, later ones move it 1% of the way: ``m += 0.01 * (batch_m - m)``."""
 
+    NAME: ClassVar[str] = "ema"
     momentum: float = 0.01
 
     def fold(self, stats: dict[str, Tensor]) -> None:
@@ -143,32 +166,34 @@ class EmaObserver(Observer):
 class PercentileObserver(EmaObserver):
     """Per batch, the 0.99999 / 0.00001 quantiles of all elements (exact, any size), then the ema (§5)."""
 
+    NAME: ClassVar[str] = "percentile"
+    PER_CHANNEL: ClassVar[bool] = False
     upper_q: float = 0.99999
     lower_q: float = 0.00001
-    BATCH_MERGE: ClassVar[dict[str, MergeRule]] = {"upper_tail": "cat", "lower_tail": "cat"}
-
-    def __init__(
-        self, bit_type: BitType, num_channels: int, per_channel: bool, weight: bool = False
-    ) -> None:
-        if per_channel:
-            raise ValueError("the percentile observer is per tensor only")
-        super().__init__(bit_type, num_channels, per_channel, weight)
+    # ``numel`` is already the total over processes when the batch statistics are taken (the
+    # tails' lengths depend on it): every rank holds the same value, kept by "max".
+    BATCH_MERGE: ClassVar[dict[str, MergeRule]] = {
+        "upper_tail": "cat",
+        "lower_tail": "cat",
+        "numel": "max",
+    }
 
     def batch_statistics(self, channels: Tensor) -> dict[str, Tensor]:
         values = channels.t().reshape(-1)  # the same multiset, without copying the transposed view
         # Tails long enough for the quantile of the union of every process's batch.
-        total = int(get_reducer().reduce(torch.tensor(values.numel(), device=values.device), "sum"))
-        self._total = total
+        numel = get_reducer().reduce(torch.tensor(values.numel(), device=values.device), "sum")
+        total = int(numel)
         upper_k = min(values.numel(), quantile_tail_size(total, self.upper_q, values.dtype))
         lower_k = min(values.numel(), quantile_tail_size(total, self.lower_q, values.dtype))
-        upper, lower = extreme_values(values, upper_k, lower_k)
-        return {"upper_tail": upper, "lower_tail": lower}
+        upper, lower = kernels.extreme_values(values, upper_k, lower_k)
+        return {"upper_tail": upper, "lower_tail": lower, "numel": numel}
 
     def fold(self, stats: dict[str, Tensor]) -> None:
+        total = int(stats["numel"])
         super().fold(
             {
-                "max": exact_quantile(stats["upper_tail"], self.upper_q, numel=self._total),
-                "min": exact_quantile(stats["lower_tail"], self.lower_q, numel=self._total),
+                "max": exact_quantile(stats["upper_tail"], self.upper_q, numel=total),
+                "min": exact_quantile(stats["lower_tail"], self.lower_q, numel=total),
             }
         )
 
@@ -176,35 +201,24 @@ class PercentileObserver(EmaObserver):
 class OmseObserver(Observer):
     """Running min/max, then the clipping of 90 shrunk ranges with the least MSE on the last batch (§5).
 
-    The search is :func:`~fqvit_pl.quant.omse_search.omse_search`: the full search's choice (its
-    first minimum of the float64 errors, merged over processes by ``SEARCH_MERGE``), found by exact
-    pruning; ``omse_candidate_errors`` remains the reference it reproduces.
+    The errors of the candidates (:func:`~fqvit_pl.quant.functional.omse_candidate_errors`) are
+    summed over processes by ``SEARCH_MERGE``; the first minimum wins (the earliest candidate wins
+    a tie). :func:`fqvit_pl.quant.kernels.omse_best_candidate` finds it.
     """
 
     SEARCH_MERGE: ClassVar[dict[str, MergeRule]] = {"errors": "sum"}
+    NAME: ClassVar[str] = "omse"
+    PER_CHANNEL: ClassVar[bool] = False
+    SIGNED: ClassVar[bool] = False
     num_candidates: int = 90
-
-    def __init__(
-        self, bit_type: BitType, num_channels: int, per_channel: bool, weight: bool = False
-    ) -> None:
-        if per_channel or bit_type.signed:
-            raise ValueError("the omse observer is per tensor and unsigned (asymmetric) only")
-        super().__init__(bit_type, num_channels, per_channel, weight)
 
     @torch.no_grad()
     def compute_qparams(self, x: Tensor) -> tuple[Tensor, Tensor]:
         self._check_observed()
         channels = self._layout(x).float()
-        choice = omse_search(
-            channels,
-            self.min_val,
-            self.max_val,
-            self.bit_type,
-            self.num_candidates,
-            reducer=get_reducer(),
-        )
-        best = choice.index  # first minimum: the earliest candidate wins a tie
-        return range_to_qparams(choice.mins[best], choice.maxs[best], self.bit_type)
+        mins, maxs = omse_candidates(self.min_val, self.max_val, self.num_candidates)
+        best = kernels.omse_best_candidate(channels, mins, maxs, self.bit_type, get_reducer())
+        return range_to_qparams(mins[best], maxs[best], self.bit_type)
 
 
 class PtfObserver(Observer):
@@ -214,12 +228,13 @@ class PtfObserver(Observer):
     """
 
     SEARCH_MERGE: ClassVar[dict[str, MergeRule]] = {"errors": "sum"}
+    NAME: ClassVar[str] = "ptf"
+    PER_TENSOR: ClassVar[bool] = False
+    SIGNED: ClassVar[bool] = False
 
     def __init__(
         self, bit_type: BitType, num_channels: int, per_channel: bool = True, weight: bool = False
     ) -> None:
-        if not per_channel or bit_type.signed:
-            raise ValueError("the ptf observer is per channel and unsigned only")
         super().__init__(bit_type, num_channels, per_channel, weight)
         self.register_buffer("alpha", torch.zeros(num_channels, dtype=torch.long))
 
@@ -232,7 +247,7 @@ class PtfObserver(Observer):
         self._check_observed()
         channels = self._layout(x).float()
         scales, zero_point = ptf_scales(self.min_val, self.max_val, self.bit_type)
-        errors = ptf_channel_errors(channels, scales, zero_point, self.bit_type)
+        errors = kernels.ptf_channel_errors(channels, scales, zero_point, self.bit_type)
         errors = get_reducer().reduce(errors, self.SEARCH_MERGE["errors"])
         self.alpha.copy_(
             torch.argmin(errors, dim=1)
@@ -240,12 +255,10 @@ class PtfObserver(Observer):
         return scales[self.alpha], zero_point.expand(self.num_channels).clone()
 
 
-_OBSERVERS: dict[str, type[Observer]] = {
-    "minmax": MinMaxObserver,
-    "ema": EmaObserver,
-    "percentile": PercentileObserver,
-    "omse": OmseObserver,
-    "ptf": PtfObserver,
+#: Every observer by the name configurations use.
+OBSERVER_CLASSES: dict[str, type[Observer]] = {
+    cls.NAME: cls
+    for cls in (MinMaxObserver, EmaObserver, PercentileObserver, OmseObserver, PtfObserver)
 }
 
 
@@ -253,6 +266,6 @@ def build_observer(
     kind: str, bit_type: BitType, num_channels: int, per_channel: bool, weight: bool = False
 ) -> Observer:
     """Instantiate the observer named ``kind`` (minmax, ema, percentile, omse, ptf)."""
-    if kind not in _OBSERVERS:
-        raise ValueError(f"unknown observer {kind!r}; choose one of {tuple(_OBSERVERS)}")
-    return _OBSERVERS[kind](bit_type, num_channels, per_channel, weight)
+    if kind not in OBSERVER_CLASSES:
+        raise ValueError(f"unknown observer {kind!r}; choose one of {tuple(OBSERVER_CLASSES)}")
+    return OBSERVER_CLASSES[kind](bit_type, num_channels, per_channel, weight)

@@ -5,10 +5,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from . import kernels
 from .bit_type import BitType
-from .functional import broadcast_channel, fake_quantize, log2_fake_quantize
+from .functional import broadcast_channel, log2_fake_quantize
 
-__all__ = ["Quantizer", "UniformQuantizer", "Log2Quantizer", "build_quantizer"]
+__all__ = [
+    "Quantizer",
+    "UniformQuantizer",
+    "Log2Quantizer",
+    "build_quantizer",
+    "QUANTIZER_CLASSES",
+]
 
 
 class Quantizer(nn.Module):
@@ -44,7 +51,7 @@ class UniformQuantizer(Quantizer):
     def forward(self, x: Tensor) -> Tensor:
         scale = broadcast_channel(self.scale, x, weight=self.weight)
         zero_point = broadcast_channel(self.zero_point, x, weight=self.weight)
-        return fake_quantize(x, scale, zero_point, self.bit_type)
+        return kernels.fake_quantize(x, scale, zero_point, self.bit_type)
 
 
 class Log2Quantizer(Quantizer):
@@ -52,6 +59,13 @@ class Log2Quantizer(Quantizer):
 
     def forward(self, x: Tensor) -> Tensor:
         return log2_fake_quantize(x, self.bit_type)
+
+
+#: Every quantizer by the name configurations use.
+QUANTIZER_CLASSES: dict[str, type[Quantizer]] = {
+    "uniform": UniformQuantizer,
+    "log2": Log2Quantizer,
+}
 
 
 def build_quantizer(
@@ -62,4 +76,4 @@ def build_quantizer(
         return UniformQuantizer(bit_type, num_channels, per_channel, weight)
     if kind == "log2":
         return Log2Quantizer(bit_type)
-    raise ValueError(f"unknown quantizer {kind!r}; choose uniform or log2")
+    raise ValueError(f"unknown quantizer {kind!r}; choose one of {tuple(QUANTIZER_CLASSES)}")

@@ -75,7 +75,8 @@ def test_exact_quantile_from_tails_only():
 
 def test_omse_errors_are_sums_of_squared_errors():
     x = torch.tensor([[0.0, 0.3, 0.9, 2.1, -0.37]])
-    errors, mins, maxs = Fq.omse_candidate_errors(x, x.min(), x.max(), UINT8, num_candidates=5)
+    mins, maxs = Fq.omse_candidates(x.min(), x.max(), num_candidates=5)
+    errors = Fq.omse_candidate_errors(x, mins, maxs, UINT8)
     for i in range(5):
         lo, hi = -0.37 * (1 - 0.01 * i), 2.1 * (1 - 0.01 * i)
         s = (hi - lo) / 255
@@ -229,3 +230,77 @@ def test_int_layernorm_tiles_scales_for_patch_merging():
             row,
             _int_layernorm_transcription(token, tiled.numpy(), 0.05, gamma.numpy(), beta.numpy()),
         )
+
+
+def _fake_quantize_transcription(x, scale, zero_point, lower, upper) -> np.ndarray:
+    """§4 element by element in float32: ``(clip(rint(x / s + zp)) - zp) * s``."""
+    f32 = np.float32
+    out = []
+    for v, s, z in np.broadcast(x, scale, zero_point):
+        q = min(max(np.rint(f32(v) / f32(s) + f32(z)), f32(lower)), f32(upper))
+        out.append((q - f32(z)) * f32(s))
+    return np.array(out, dtype=np.float32).reshape(np.broadcast_shapes(x.shape, scale.shape))
+
+
+def test_fake_quantize_against_the_contract():
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 5, generator=gen) * 3
+    x[0, :4] = torch.tensor([0.5, 1.5, 2.5, -0.5]) * 0.125  # ties: half to even
+    x[1, 0] = 1e4  # far outside the grid
+    for scale, zp, bt in (
+        (torch.tensor(0.125), torch.tensor(7.0), UINT8),
+        (torch.rand(5, generator=gen) * 0.1 + 0.01, torch.zeros(5), INT8),
+    ):
+        got = Fq.fake_quantize(x, scale, zp, bt).numpy()
+        expected = _fake_quantize_transcription(
+            x.numpy(), scale.numpy(), zp.numpy(), bt.lower, bt.upper
+        )
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_int_exp_against_the_contract():
+    f32 = np.float32
+    for s in (0.05, 0.0173, 2.5e-3):
+        x = -torch.arange(0, int(12 / s), 7, dtype=torch.float32)
+        got = Fq.int_exp(x, torch.tensor(s)).numpy()
+        s32 = f32(s)
+        x0 = np.floor(f32(-0.6931) / s32)
+        b, c = f32(0.96963238 / 0.35815147), f32(1 / 0.35815147)
+        for v, g in zip(x.numpy(), got):
+            v = max(v, f32(30) * x0)
+            q = np.floor(v / x0)
+            r = v - x0 * q
+            z = r * (r + np.floor(b / s32)) + np.floor(c / (s32 * s32))
+            assert g == max(np.floor(z * f32(2.0 ** (30 - q))), f32(0))
+        # the polynomial approximates exp: e * a s**2 2**-30 ~ exp(x s)
+        approx = got.astype(np.float64) * 0.35815147 * s * s * 2.0**-30
+        np.testing.assert_allclose(
+            approx, np.exp(x.numpy() * s), rtol=0, atol=0.015
+        )  # I-BERT: about 1%
+
+
+def test_omse_and_ptf_errors_against_numpy():
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 400, generator=gen) ** 3
+    mins, maxs = Fq.omse_candidates(x.min(), x.max(), 12)
+    errors = Fq.omse_candidate_errors(x, mins, maxs, UINT8, chunk=5)
+    xs = x.numpy().reshape(-1)
+    for i in range(12):
+        s, z = Fq.asymmetric_qparams(mins[i], maxs[i], UINT8)
+        lo, hi = (
+            float(x.min()) * float(np.float32(1 - 0.01 * i)),
+            float(x.max()) * float(np.float32(1 - 0.01 * i)),
+        )
+        assert mins[i].item() == pytest.approx(lo, rel=1e-6)
+        assert maxs[i].item() == pytest.approx(hi, rel=1e-6)
+        fq = _fake_quantize_transcription(xs, s.numpy(), z.numpy(), 0, 255)
+        # float32 differences, squared and summed exactly enough in float64
+        expected = np.sum((fq - xs).astype(np.float64) ** 2)
+        assert errors[i].item() == pytest.approx(expected, rel=1e-12)
+    scales, zp = Fq.ptf_scales(x.amin(1), x.amax(1), UINT8)
+    ptf = Fq.ptf_channel_errors(x, scales, zp, UINT8)
+    for c in range(3):
+        for j in range(4):
+            fq = _fake_quantize_transcription(x[c].numpy(), scales[j].numpy(), zp.numpy(), 0, 255)
+            expected = np.sum((fq - x[c].numpy()).astype(np.float64) ** 2)
+            assert ptf[c, j].item() == pytest.approx(expected, rel=1e-12)

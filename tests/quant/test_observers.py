@@ -198,7 +198,11 @@ def test_ptf_search_uses_only_the_last_batch():
 def test_merge_rules_are_declared():
     assert MinMaxObserver.BATCH_MERGE == {"min": "min", "max": "max"}
     assert EmaObserver.BATCH_MERGE == {"min": "min", "max": "max"}
-    assert set(PercentileObserver.BATCH_MERGE.values()) == {"cat"}
+    assert PercentileObserver.BATCH_MERGE == {
+        "upper_tail": "cat",
+        "lower_tail": "cat",
+        "numel": "max",
+    }
     assert OmseObserver.SEARCH_MERGE == {"errors": "sum"} and PtfObserver.SEARCH_MERGE == {
         "errors": "sum"
     }

@@ -1,7 +1,7 @@
-"""The pruned OMSE search (fqvit_pl.quant.omse_search) against the full search it must reproduce.
+"""The pruned OMSE search (fqvit_pl.quant.kernels.omse_pruning) against the full search it reproduces.
 
-Expected values come from the full search (``omse_candidate_errors``, itself checked against an
-independent transcription in test_speed_paths.py / test_observers.py) or from exact float64/integer
+Expected values come from the full search (``functional.omse_candidate_errors``, itself checked
+against an independent NumPy transcription in tests/quant/test_functional.py) or from exact float64/integer
 arithmetic here, never from the code under test.
 """
 
@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 
 from fqvit_pl.quant import OmseObserver, get_bit_type
 from fqvit_pl.quant import functional as Fq
-from fqvit_pl.quant import omse_search as S
+from fqvit_pl.quant.kernels import omse_pruning as S
 from fqvit_pl.quant.reduce import DistributedReducer
 
 UINT8, UINT4 = get_bit_type("uint8"), get_bit_type("uint4")
@@ -87,13 +87,22 @@ KINDS = [
 
 
 def _full(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bit_type=UINT8):
+    """The full search: ``(errors, mins, maxs)`` of the 90 candidates."""
+    mins, maxs = Fq.omse_candidates(lo, hi)
     with torch.no_grad():
-        return Fq.omse_candidate_errors(x, lo, hi, bit_type)
+        return Fq.omse_candidate_errors(x, mins, maxs, bit_type), mins, maxs
+
+
+def _search(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bit_type=UINT8, **kwargs):
+    """The pruned search over the same 90 candidates."""
+    mins, maxs = Fq.omse_candidates(lo, hi)
+    with torch.no_grad():
+        return S.omse_search(x, mins, maxs, bit_type, **kwargs)
 
 
 def _bounds(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bit_type=UINT8):
     """The bounds of the pruned search, always computed (no small-tensor shortcut)."""
-    _, _, scales, zps = S.candidate_qparams(x, lo, hi, bit_type, 90)
+    scales, zps = Fq.asymmetric_qparams(*Fq.omse_candidates(lo, hi), bit_type)
     flat = x.reshape(-1)
     stats = S.bin_statistics(flat, float(flat.min()), float(flat.max()))
     assert stats is not None
@@ -107,15 +116,10 @@ def _check(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bit_type=UINT8) 
     assert (b_lo <= errors).all() and (errors <= b_hi).all(), (
         (b_lo > errors) | (errors > b_hi)
     ).nonzero()
-    with torch.no_grad():
-        choice = S.omse_search(x, lo, hi, bit_type, min_numel=0)
+    choice = _search(x, lo, hi, bit_type, min_numel=0)
     best = int(torch.argmin(errors))
     assert choice.index == best
     assert choice.survivors[best]
-    assert torch.equal(choice.mins, mins) and torch.equal(choice.maxs, maxs)
-    s, z = Fq.range_to_qparams(mins[best], maxs[best], bit_type)
-    s2, z2 = Fq.range_to_qparams(choice.mins[choice.index], choice.maxs[choice.index], bit_type)
-    assert torch.equal(s, s2) and torch.equal(z, z2)
     return int(choice.survivors.sum()), (b_hi - b_lo) / errors.clamp(min=1e-300)
 
 
@@ -175,8 +179,7 @@ def test_tie_keeps_the_first_candidate():
     for x in (torch.zeros(1, 50_000), torch.full((1, 50_000), -3.5), torch.full((1, 30_000), 2.0)):
         errors, mins, maxs = _full(x, x.min(), x.max())
         assert bool((errors == errors[0]).all())  # every candidate ties
-        with torch.no_grad():
-            choice = S.omse_search(x, x.min(), x.max(), UINT8, min_numel=0)
+        choice = _search(x, x.min(), x.max(), UINT8, min_numel=0)
         assert choice.index == 0
 
 
@@ -187,8 +190,7 @@ def test_exact_tie_between_distinct_candidates_keeps_the_first():
     lo, hi = torch.tensor(0.0), torch.tensor(255.0)
     errors, _, _ = _full(x, lo, hi)
     assert errors[0] == 0 and errors[50] == 0
-    with torch.no_grad():
-        choice = S.omse_search(x, lo, hi, UINT8, min_numel=0)
+    choice = _search(x, lo, hi, UINT8, min_numel=0)
     assert choice.index == 0 and bool(choice.survivors[50])
 
 
@@ -203,7 +205,7 @@ def test_selected_errors_are_the_full_search_bits(n, threads):
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        full, _, _ = _full(x, x.min(), x.max())
+        full, mins, maxs = _full(x, x.min(), x.max())
         for select in (
             [0],
             [89],
@@ -214,7 +216,7 @@ def test_selected_errors_are_the_full_search_bits(n, threads):
             [5, 6, 7, 8, 9, 10, 11, 12],
         ):
             with torch.no_grad():
-                part, _, _ = Fq.omse_candidate_errors(x, x.min(), x.max(), UINT8, select=select)
+                part = S.survivor_errors(x, mins, maxs, UINT8, select)
             for i in select:
                 assert part[i].view(torch.int64) == full[i].view(torch.int64), (n, select, i)
             finite = torch.isfinite(part)
@@ -227,7 +229,7 @@ def test_selected_errors_are_the_full_search_bits(n, threads):
 
 @pytest.mark.parametrize("threads", [1, 2])
 def test_cpu_row_sums_do_not_depend_on_the_other_rows(threads):
-    # What lets omse_candidate_errors(select=...) put 2..8 survivors in one chunk of their own: the
+    # What lets survivor_errors put 2..8 survivors in one chunk of their own: the
     # float64 row sum of a [R, n] tensor gives each row the same bits for every R >= 2 (a single row
     # is summed in another order once it is split across threads).
     previous = torch.get_num_threads()
@@ -253,14 +255,10 @@ def test_cpu_row_sums_do_not_depend_on_the_other_rows(threads):
 
 def test_selection_in_the_autograd_path():
     x = _data("normal", 3000, seed=1).reshape(1, -1).double()  # float64 data: the out-of-place path
-    full, _, _ = _full(x, x.min().float(), x.max().float())
+    full, mins, maxs = _full(x, x.min().float(), x.max().float())
     with torch.no_grad():
-        part, _, _ = Fq.omse_candidate_errors(
-            x, x.min().float(), x.max().float(), UINT8, select=[10, 11]
-        )
-        single, _, _ = Fq.omse_candidate_errors(
-            x, x.min().float(), x.max().float(), UINT8, select=[10]
-        )
+        part = S.survivor_errors(x, mins, maxs, UINT8, [10, 11])
+        single = S.survivor_errors(x, mins, maxs, UINT8, [10])
     assert torch.equal(part[10:12], full[10:12]) and int(torch.isfinite(part).sum()) == 2
     assert (
         torch.equal(single[8:16], full[8:16]) and int(torch.isfinite(single).sum()) == 8
@@ -271,8 +269,7 @@ def test_wide_bit_types_fall_back_to_the_full_search():
     x = _data("normal", 20_000, seed=3).reshape(1, -1)
     uint12 = get_bit_type("uint12")
     errors, _, _ = _full(x, x.min(), x.max(), uint12)
-    with torch.no_grad():
-        choice = S.omse_search(x, x.min(), x.max(), uint12, min_numel=0)
+    choice = _search(x, x.min(), x.max(), uint12, min_numel=0)
     assert choice.index == int(torch.argmin(errors)) and bool(choice.survivors.all())
 
 
@@ -392,7 +389,7 @@ def test_magic_rounding_is_torch_round():
 
 def test_codes_match_the_full_search():
     x = _data("cubed", 10_000, seed=9)
-    _, _, scales, zps = S.candidate_qparams(x.reshape(1, -1), x.min(), x.max(), UINT8, 90)
+    scales, zps = Fq.asymmetric_qparams(*Fq.omse_candidates(x.min(), x.max()), UINT8)
     points = x.reshape(1, -1).expand(90, -1).contiguous()
     codes = S._codes(points, scales[:, None], zps[:, None], UINT8)
     expected = torch.clamp(torch.round(x.reshape(1, -1) / scales[:, None] + zps[:, None]), 0, 255)
@@ -447,12 +444,10 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         lo, hi = torch.tensor(-10.0), torch.tensor(31.0)
         results = {}
         for name, min_numel in (("pruned", 0), ("small", 10**9)):
-            with torch.no_grad():
-                results[name] = S.omse_search(
-                    shard, lo, hi, UINT8, reducer=reducer, min_numel=min_numel
-                ).index
-        with torch.no_grad():
-            errors, _, _ = Fq.omse_candidate_errors(shard, lo, hi, UINT8)
+            results[name] = _search(
+                shard, lo, hi, UINT8, reducer=reducer, min_numel=min_numel
+            ).index
+        errors, _, _ = _full(shard, lo, hi)
         results["full"] = int(torch.argmin(reducer.reduce(errors, "sum")))
         torch.save(results, os.path.join(out_dir, f"{rank}.pt"))
     finally:

@@ -2,22 +2,18 @@
 
 Inductor fuses their elementwise chains; only the order-dependent float32 row sums run as an opaque
 op calling the eager reductions. These tests compile the kernels (``fullgraph``, static shapes) and
-compare their bits with eager and with the plain transcriptions of tests/quant/test_speed_paths.py.
+compare their bits with the eager fast kernels and with the plain formulas of
+fqvit_pl.quant.functional.
 The elementwise operations whose result could depend on the implementation (``log2`` before a
 floor, powers of two) are checked exhaustively where they could differ.
 """
 
 import torch
-from test_speed_paths import (
-    assert_bits_equal,
-    ln_inputs,
-    ref_int_layernorm,
-    ref_log_int_softmax,
-    scores,
-)
+from kernel_inputs import assert_bits_equal, ln_inputs, scores
 
 from fqvit_pl.quant import functional as Fq
-from fqvit_pl.quant import get_bit_type
+from fqvit_pl.quant import get_bit_type, kernels
+from fqvit_pl.quant.kernels import tables, traced
 
 UINT4 = get_bit_type("uint4")
 
@@ -53,22 +49,22 @@ def test_powers_of_two_from_bits_are_exp2():
     k = torch.arange(-126.0, 128.0)
     exact = torch.tensor([2.0 ** int(v) for v in k.tolist()]).float()  # Python's exact doubles
     assert torch.equal(torch.exp2(k), exact)  # what the eager kernels use
-    assert torch.equal(Fq._power_of_two(k), exact)
-    assert torch.equal(compiled(Fq._power_of_two)(k), exact)
+    assert torch.equal(tables.power_of_two(k), exact)
+    assert torch.equal(compiled(tables.power_of_two)(k), exact)
 
 
 def test_lis_outputs_from_codes_are_the_table():
     codes = torch.arange(512, dtype=torch.int32)
     for bits in (1, 4, 6):
-        assert_bits_equal(Fq._lis_from_codes(codes, bits), Fq._lis_table(bits, codes.device))
+        assert_bits_equal(traced.lis_from_keys(codes, bits), tables.lis_table(bits, codes.device))
         assert_bits_equal(
-            compiled(lambda c: Fq._lis_from_codes(c, bits))(codes),
-            Fq._lis_table(bits, codes.device),
+            compiled(lambda c: traced.lis_from_keys(c, bits))(codes),
+            tables.lis_table(bits, codes.device),
         )
 
 
 def test_compiled_int_layernorm_is_eager():
-    kernel = compiled(lambda *args: Fq.int_layernorm(*args))
+    kernel = compiled(lambda *args: kernels.int_layernorm(*args))
     for shape, channels_in, per_tensor in [
         ((4, 197, 192), 192, False),
         ((2, 49, 384), 96, False),
@@ -78,17 +74,17 @@ def test_compiled_int_layernorm_is_eager():
         x[0, 0] = x[0, 0, 0]  # a constant token: no epsilon, as published (NaN, in every path)
         s_out = torch.tensor(0.0213)
         with torch.no_grad():
-            eager = Fq.int_layernorm(x, s_in, s_out, gamma, beta)
+            eager = kernels.int_layernorm(x, s_in, s_out, gamma, beta)
             got = kernel(x, s_in, s_out, gamma, beta)
         assert_bits_equal(got, eager)
-        assert_bits_equal(got, ref_int_layernorm(x, s_in, s_out, gamma, beta))
+        assert_bits_equal(got, Fq.int_layernorm(x, s_in, s_out, gamma, beta))
 
 
 def test_compiled_kernels_are_eager_on_many_random_inputs():
     """Rare last-bit differences (a ``sqrt`` of another math library, say) show on enough inputs."""
-    layernorm = compiled(lambda *args: Fq.int_layernorm(*args))
+    layernorm = compiled(lambda *args: kernels.int_layernorm(*args))
     softmax = torch.compile(
-        lambda a, b: Fq.log_int_softmax(a, b, UINT4), fullgraph=True, dynamic=False
+        lambda a, b: kernels.log_int_softmax(a, b, UINT4), fullgraph=True, dynamic=False
     )
     g = torch.Generator().manual_seed(25)
     for seed in range(40):
@@ -100,9 +96,9 @@ def test_compiled_kernels_are_eager_on_many_random_inputs():
         with torch.inference_mode():
             assert_bits_equal(
                 layernorm(x, s_in, s_out, gamma, beta),
-                Fq.int_layernorm(x, s_in, s_out, gamma, beta),
+                kernels.int_layernorm(x, s_in, s_out, gamma, beta),
             )
-            assert_bits_equal(softmax(scores_x, s), Fq.log_int_softmax(scores_x, s, UINT4))
+            assert_bits_equal(softmax(scores_x, s), kernels.log_int_softmax(scores_x, s, UINT4))
 
 
 def test_compiled_int_layernorm_sums_squares_in_eager_order():
@@ -112,25 +108,25 @@ def test_compiled_int_layernorm_sums_squares_in_eager_order():
     s_in[0] = 0.004
     x = torch.round(x / s_in) * s_in
     assert float((torch.round(x / 0.004) ** 2).sum(-1).max()) > 2**26
-    kernel = compiled(lambda *args: Fq.int_layernorm(*args))
+    kernel = compiled(lambda *args: kernels.int_layernorm(*args))
     with torch.inference_mode():
         assert_bits_equal(
             kernel(x, s_in, torch.tensor(0.05), gamma, beta),
-            Fq.int_layernorm(x, s_in, torch.tensor(0.05), gamma, beta),
+            kernels.int_layernorm(x, s_in, torch.tensor(0.05), gamma, beta),
         )
 
 
 def test_compiled_log_int_softmax_is_eager():
     for bit_type, scales in ((UINT4, (2.5e-3, 0.0173, 0.11)), (get_bit_type("uint8"), (0.0173,))):
-        kernel = compiled(lambda a, b: Fq.log_int_softmax(a, b, bit_type))
+        kernel = compiled(lambda a, b: kernels.log_int_softmax(a, b, bit_type))
         for scale in scales:  # one graph: the scale is an input
             x, s = scores((2, 3, 197, 197), scale, seed=23)
             x[0, 0, :5] = x.min()  # rows whose exponentials underflow to 0 (y infinite: output 0)
             with torch.no_grad():
-                eager = Fq.log_int_softmax(x, s, bit_type)
+                eager = kernels.log_int_softmax(x, s, bit_type)
                 got = kernel(x, s)
             assert_bits_equal(got, eager)
-            assert_bits_equal(got, ref_log_int_softmax(x, s, bit_type))
+            assert_bits_equal(got, Fq.log_int_softmax(x, s, bit_type))
 
 
 def test_row_ops_are_the_eager_reductions():
@@ -171,7 +167,7 @@ def test_layernorm_power_is_the_log2_formula_for_every_float():
             torch.tensor([0.0, 1e-45, 1e-39, float("inf")]),
         ]
     )
-    assert Fq._floor_log2_thresholds(a.device) is not None
+    assert tables.floor_log2_thresholds(a.device) is not None
     for n_bits in (7, 3, 20):
         expected = torch.exp2(torch.clamp(n_bits - torch.floor(torch.log2(a)), 0, 31))
-        assert torch.equal(Fq._layernorm_power(a, n_bits), expected)
+        assert torch.equal(tables.layernorm_power(a, n_bits), expected)

@@ -1,17 +1,17 @@
 """A compiled model computes the eager model's bits: its float operations run ATen's kernels.
 
-torch.compile generates its own GELU, softmax, LayerNorm, mean and convolution; the wrappers of
-``fqvit_pl.quant.eager_kernels`` keep ATen's, so compiled and eager quantized models agree bit for
+torch.compile generates its own GELU, softmax, LayerNorm, mean and convolution; the dispatcher
+``fqvit_pl.quant.kernels`` keeps ATen's (fqvit_pl.quant.kernels.aten_ops), so compiled and eager quantized models agree bit for
 bit (before them a compiled deit_tiny's logits differed from eager in about half their entries).
 """
 
 import pytest
 import torch
 import torch.nn.functional as F
-from test_speed_paths import TINY, assert_bits_equal
+from kernel_inputs import TINY, assert_bits_equal
 
 from fqvit_pl.models import create_model
-from fqvit_pl.quant import calibrate, disable_quantization, eager_kernels
+from fqvit_pl.quant import calibrate, disable_quantization, kernels
 
 
 def compiled(fn):
@@ -25,18 +25,18 @@ def cases():
     image, weight = torch.randn(2, 3, 16, 16, generator=g), torch.randn(8, 3, 4, 4, generator=g)
     gamma, beta = torch.rand(40, generator=g) + 0.5, torch.randn(40, generator=g)
     return [
-        ("gelu", eager_kernels.gelu, (x,), F.gelu(x)),
-        ("softmax", lambda t: eager_kernels.softmax(t, dim=-1), (x,), x.softmax(dim=-1)),
+        ("gelu", kernels.gelu, (x,), F.gelu(x)),
+        ("softmax", lambda t: kernels.softmax(t, dim=-1), (x,), x.softmax(dim=-1)),
         (
             "layer_norm",
-            lambda t: eager_kernels.layer_norm(t, (40,), gamma, beta, 1e-6),
+            lambda t: kernels.layer_norm(t, (40,), gamma, beta, 1e-6),
             (x,),
             F.layer_norm(x, (40,), gamma, beta, 1e-6),
         ),
-        ("mean", lambda t: eager_kernels.mean(t, dim=1), (x,), x.mean(dim=1)),
+        ("mean", lambda t: kernels.mean(t, dim=1), (x,), x.mean(dim=1)),
         (
             "conv2d",
-            lambda t: eager_kernels.conv2d(t, weight, None, (4, 4), (1, 1), (1, 1), 1),
+            lambda t: kernels.conv2d(t, weight, None, (4, 4), (1, 1), (1, 1), 1),
             (image,),
             F.conv2d(image, weight, None, 4, 1),
         ),
@@ -143,3 +143,27 @@ def test_compiled_quantized_model_is_the_eager_model():
         eager = model(images)
         torch._dynamo.reset()
         assert_bits_equal(torch.compile(model)(images), eager)
+
+
+def test_with_the_fast_kernels_off_inductor_compiles_the_float_operations():
+    torch.manual_seed(0)
+    model = create_model("deit_tiny", ptf=False, lis=False, model_kwargs=TINY["deit_tiny"]).eval()
+    size = TINY["deit_tiny"]["img_size"]
+    images = torch.randn(2, 3, size, size)
+    calibrate(model, [images])
+    with kernels.fast_kernels(False):
+        found = traced_float_ops(model, images)
+    assert not any(op.startswith("fqvit.") for op in found) and found
+
+
+def test_a_directly_built_model_gets_the_float_modules_from_use_fast_float_ops():
+    from fqvit_pl.models import QuantSwinTransformer, use_fast_float_ops
+    from fqvit_pl.quant import QuantConfig
+
+    model = QuantSwinTransformer(QuantConfig(), **TINY["swin_tiny"])
+    assert type(model.layers[0].blocks[0].mlp.act) is torch.nn.GELU
+    use_fast_float_ops(model)
+    assert isinstance(model.layers[0].blocks[0].mlp.act, kernels.GELU)
+    assert isinstance(model.head.global_pool, kernels.Mean)
+    x = torch.randn(2, 5, 7)
+    assert torch.equal(model.head.global_pool(x), x.mean(dim=1))
