@@ -620,13 +620,22 @@ build_kernel_tables("cpu")
 
 
 def int_layernorm(
-    x: Tensor, in_scale: Tensor, out_scale: Tensor, weight: Tensor, bias: Tensor, *, bits: int = 7
+    x: Tensor,
+    in_scale: Tensor,
+    out_scale: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    *,
+    bits: int = 7,
+    eps: float = 0.0,
 ) -> Tensor:
     """Integer LayerNorm over the last dim with Power-of-Two Factor inputs (§7).
 
     ``x`` is ``[..., C]`` fake-quantized with per-channel ``in_scale`` (``[C]``, a divisor of ``C``
     channels tiled in channel order, or a scalar); ``out_scale`` is the scale of the following point.
-    Returns ``y_q * out_scale``. There is no epsilon (as published): a constant token divides by 0.
+    Returns ``y_q * out_scale``. By default there is no epsilon (as published): a constant token
+    divides by 0 and gives NaN. ``eps > 0`` (opt-in) takes ``std = sqrt(std**2 + eps)``, as
+    ``nn.LayerNorm`` adds its epsilon to the variance.
     """
     channels = x.shape[-1]
     in_scale = in_scale.reshape(-1)
@@ -647,6 +656,8 @@ def int_layernorm(
         std = (s_min / channels) * torch.sqrt(
             channels * x_q.pow(2).sum(dim=-1, keepdim=True) - x_q.sum(dim=-1, keepdim=True) ** 2
         )
+        if eps:
+            std = torch.sqrt(std * std + eps)
         a = (s_min / std) * weight / out_scale
         sign = torch.sign(a)
         n = torch.clamp(bits - torch.floor(torch.log2(a.abs())), 0, 31)
@@ -655,12 +666,18 @@ def int_layernorm(
         y_q = torch.round((sign * m * x_q + b) / torch.pow(2.0, n))
         return y_q * out_scale
     if torch.compiler.is_compiling():
-        return _int_layernorm_traced(x, in_scale, out_scale, weight, bias, bits)
-    return _int_layernorm_fast(x, in_scale, out_scale, weight, bias, bits)
+        return _int_layernorm_traced(x, in_scale, out_scale, weight, bias, bits, eps)
+    return _int_layernorm_fast(x, in_scale, out_scale, weight, bias, bits, eps)
 
 
 def _int_layernorm_fast(
-    x: Tensor, in_scale: Tensor, out_scale: Tensor, weight: Tensor, bias: Tensor, bits: int
+    x: Tensor,
+    in_scale: Tensor,
+    out_scale: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    bits: int,
+    eps: float = 0.0,
 ) -> Tensor:
     """The no-autograd float32 path of :func:`int_layernorm`; ``in_scale`` is already ``[C]`` or ``[1]``."""
     # The same operations in the same order, in place on its own [..., C] tensors (scratch, but
@@ -672,6 +689,8 @@ def _int_layernorm_fast(
         x_q, x_q, out=scratch_like(1, x)
     )  # x_q.pow(2): integers below 2**12, exact either way
     mean, std = _layernorm_row_stats(x_q, work, s_min)
+    if eps:
+        std = torch.sqrt(std * std + eps)
     a = torch.mul(s_min / std, weight, out=work).div_(out_scale)
     sign = torch.sign(a)
     a.abs_()
@@ -685,13 +704,21 @@ def _int_layernorm_fast(
 
 
 def _int_layernorm_traced(
-    x: Tensor, in_scale: Tensor, out_scale: Tensor, weight: Tensor, bias: Tensor, bits: int
+    x: Tensor,
+    in_scale: Tensor,
+    out_scale: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    bits: int,
+    eps: float = 0.0,
 ) -> Tensor:
     """:func:`_int_layernorm_fast` written out of place for torch.compile: the same operations on the
     same operands, with the row statistics taken by ATen (:func:`_layernorm_row_stats_op`)."""
     s_min = in_scale.min()
     x_q = torch.round(x / in_scale) * torch.round(in_scale / s_min)
     mean, std = torch.ops.fqvit.layernorm_row_stats(x_q, x_q * x_q, s_min)
+    if eps:
+        std = torch.sqrt(std * std + eps)
     a = (s_min / std) * weight / out_scale
     sign = torch.sign(a)
     a = torch.abs(a)

@@ -3,6 +3,9 @@
 Every statistic lives in a registered buffer of final shape, so a checkpoint carries it. Each
 observer declares how its per-batch statistics merge (``BATCH_MERGE``) and how the errors of its
 final search merge (``SEARCH_MERGE``), which lets calibration merge them across processes.
+An observer built with ``replicated=True`` watches a tensor that is the same on every process (a
+parameter, e.g. a position embedding): it merges nothing, since each process already holds what a
+single process would see, and merging copies would count the same values once per process.
 """
 
 from __future__ import annotations
@@ -23,7 +26,10 @@ from .functional import (
     range_to_qparams,
 )
 from .omse_search import omse_search
-from .reduce import MergeRule, get_reducer
+from .reduce import LocalReducer, MergeRule, StatReducer, get_reducer
+
+#: The reducer of a replicated input: nothing to merge.
+_LOCAL = LocalReducer()
 
 __all__ = [
     "Observer",
@@ -40,17 +46,25 @@ class Observer(nn.Module):
     """Base observer: running ``min_val``/``max_val`` buffers, shape ``[C]`` per channel or ``[]`` per tensor.
 
     ``update(x)`` folds one batch in; ``compute_qparams(x)`` returns ``(scale, zero_point)`` using the
-    running statistics and, for searching observers, ``x`` (the last batch).
+    running statistics and, for searching observers, ``x`` (the last batch). ``replicated=True``
+    declares that ``x`` is the same tensor on every process: its statistics are then not merged
+    across processes (see the module docstring).
     """
 
     BATCH_MERGE: ClassVar[dict[str, MergeRule]] = {"min": "min", "max": "max"}
     SEARCH_MERGE: ClassVar[dict[str, MergeRule]] = {}
 
     def __init__(
-        self, bit_type: BitType, num_channels: int, per_channel: bool, weight: bool = False
+        self,
+        bit_type: BitType,
+        num_channels: int,
+        per_channel: bool,
+        weight: bool = False,
+        replicated: bool = False,
     ) -> None:
         super().__init__()
         self.bit_type = bit_type
+        self.replicated = replicated
         self.num_channels = num_channels
         self.per_channel = per_channel
         self.weight = weight
@@ -61,7 +75,13 @@ class Observer(nn.Module):
         self.name = type(self).__name__
 
     def extra_repr(self) -> str:
-        return f"{self.bit_type.name}, channels={self.num_channels}, per_channel={self.per_channel}"
+        replicated = ", replicated" if self.replicated else ""
+        return f"{self.bit_type.name}, channels={self.num_channels}, per_channel={self.per_channel}{replicated}"
+
+    def reducer(self) -> StatReducer:
+        """How this observer's statistics merge across processes: the current reducer, or none
+        (:class:`LocalReducer`) for a replicated input."""
+        return _LOCAL if self.replicated else get_reducer()
 
     def reset(self) -> None:
         """Forget everything observed."""
@@ -95,7 +115,7 @@ class Observer(nn.Module):
     def update(self, x: Tensor) -> None:
         """Observe one batch. Raises ``ValueError`` naming the observer on NaN/Inf or a bad rank."""
         channels = self._layout(x.detach())
-        reducer = get_reducer()
+        reducer = self.reducer()
         stats = self.batch_statistics(channels.float())
         # NaN and Inf reach the statistics (min/max propagate NaN; the tails hold the extremes), which
         # is much cheaper than a pass over the data. The verdict is shared, so every rank raises.
@@ -148,16 +168,23 @@ class PercentileObserver(EmaObserver):
     BATCH_MERGE: ClassVar[dict[str, MergeRule]] = {"upper_tail": "cat", "lower_tail": "cat"}
 
     def __init__(
-        self, bit_type: BitType, num_channels: int, per_channel: bool, weight: bool = False
+        self,
+        bit_type: BitType,
+        num_channels: int,
+        per_channel: bool,
+        weight: bool = False,
+        replicated: bool = False,
     ) -> None:
         if per_channel:
             raise ValueError("the percentile observer is per tensor only")
-        super().__init__(bit_type, num_channels, per_channel, weight)
+        super().__init__(bit_type, num_channels, per_channel, weight, replicated)
 
     def batch_statistics(self, channels: Tensor) -> dict[str, Tensor]:
         values = channels.t().reshape(-1)  # the same multiset, without copying the transposed view
         # Tails long enough for the quantile of the union of every process's batch.
-        total = int(get_reducer().reduce(torch.tensor(values.numel(), device=values.device), "sum"))
+        total = int(
+            self.reducer().reduce(torch.tensor(values.numel(), device=values.device), "sum")
+        )
         self._total = total
         upper_k = min(values.numel(), quantile_tail_size(total, self.upper_q, values.dtype))
         lower_k = min(values.numel(), quantile_tail_size(total, self.lower_q, values.dtype))
@@ -185,11 +212,16 @@ class OmseObserver(Observer):
     num_candidates: int = 90
 
     def __init__(
-        self, bit_type: BitType, num_channels: int, per_channel: bool, weight: bool = False
+        self,
+        bit_type: BitType,
+        num_channels: int,
+        per_channel: bool,
+        weight: bool = False,
+        replicated: bool = False,
     ) -> None:
         if per_channel or bit_type.signed:
             raise ValueError("the omse observer is per tensor and unsigned (asymmetric) only")
-        super().__init__(bit_type, num_channels, per_channel, weight)
+        super().__init__(bit_type, num_channels, per_channel, weight, replicated)
 
     @torch.no_grad()
     def compute_qparams(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -201,7 +233,7 @@ class OmseObserver(Observer):
             self.max_val,
             self.bit_type,
             self.num_candidates,
-            reducer=get_reducer(),
+            reducer=self.reducer(),
         )
         best = choice.index  # first minimum: the earliest candidate wins a tie
         return range_to_qparams(choice.mins[best], choice.maxs[best], self.bit_type)
@@ -216,11 +248,16 @@ class PtfObserver(Observer):
     SEARCH_MERGE: ClassVar[dict[str, MergeRule]] = {"errors": "sum"}
 
     def __init__(
-        self, bit_type: BitType, num_channels: int, per_channel: bool = True, weight: bool = False
+        self,
+        bit_type: BitType,
+        num_channels: int,
+        per_channel: bool = True,
+        weight: bool = False,
+        replicated: bool = False,
     ) -> None:
         if not per_channel or bit_type.signed:
             raise ValueError("the ptf observer is per channel and unsigned only")
-        super().__init__(bit_type, num_channels, per_channel, weight)
+        super().__init__(bit_type, num_channels, per_channel, weight, replicated)
         self.register_buffer("alpha", torch.zeros(num_channels, dtype=torch.long))
 
     def reset(self) -> None:
@@ -233,7 +270,7 @@ class PtfObserver(Observer):
         channels = self._layout(x).float()
         scales, zero_point = ptf_scales(self.min_val, self.max_val, self.bit_type)
         errors = ptf_channel_errors(channels, scales, zero_point, self.bit_type)
-        errors = get_reducer().reduce(errors, self.SEARCH_MERGE["errors"])
+        errors = self.reducer().reduce(errors, self.SEARCH_MERGE["errors"])
         self.alpha.copy_(
             torch.argmin(errors, dim=1)
         )  # first minimum: the smallest scale wins a tie
@@ -250,9 +287,14 @@ _OBSERVERS: dict[str, type[Observer]] = {
 
 
 def build_observer(
-    kind: str, bit_type: BitType, num_channels: int, per_channel: bool, weight: bool = False
+    kind: str,
+    bit_type: BitType,
+    num_channels: int,
+    per_channel: bool,
+    weight: bool = False,
+    replicated: bool = False,
 ) -> Observer:
     """Instantiate the observer named ``kind`` (minmax, ema, percentile, omse, ptf)."""
     if kind not in _OBSERVERS:
         raise ValueError(f"unknown observer {kind!r}; choose one of {tuple(_OBSERVERS)}")
-    return _OBSERVERS[kind](bit_type, num_channels, per_channel, weight)
+    return _OBSERVERS[kind](bit_type, num_channels, per_channel, weight, replicated)
