@@ -18,7 +18,14 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from test_calibrate import TinyBlock  # noqa: E402  (tests/quant is on sys.path under pytest's rootdir mode)
 
-from fqvit_pl.quant import QuantConfig, QuantConv2d, QuantLinear, calibrate, calibration_checksum
+from fqvit_pl.quant import (
+    QuantAct,
+    QuantConfig,
+    QuantConv2d,
+    QuantLinear,
+    calibrate,
+    calibration_checksum,
+)
 
 CASES = [(method, True, True) for method in ("minmax", "ema", "percentile", "omse")] + [
     ("omse", False, False)
@@ -117,6 +124,13 @@ def _worker(rank: int, world: int, port: int, out_dir: str, uneven: bool) -> Non
                 os.path.join(out_dir, f"{method}-{ptf}-{rank}.pt"),
             )
         if uneven:
+            # A point wrongly declared replicated: each rank keeps its own range, and the ranks'
+            # checksums tell.
+            point = QuantAct(4, QuantConfig("minmax").point("activation"), replicated_input=True)
+            try:
+                calibrate(point, [torch.full((2, 4), float(rank + 1))])
+            except RuntimeError as err:
+                torch.save({"error": str(err)}, os.path.join(out_dir, f"replicated-{rank}.pt"))
             return
         with batch_invariant():
             for name, method in NETWORK_CASES:
@@ -165,3 +179,5 @@ def test_different_batch_counts_fail_loudly(tmp_path):
     for rank in range(2):
         got = torch.load(tmp_path / f"minmax-True-{rank}.pt", weights_only=True)
         assert "different numbers of calibration batches" in got["error"]
+        got = torch.load(tmp_path / f"replicated-{rank}.pt", weights_only=True)
+        assert "checksums differ" in got["error"] and "replicated_input=True" in got["error"]
