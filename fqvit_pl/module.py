@@ -17,7 +17,7 @@ from typing_extensions import override
 
 from fqvit_pl.checks import check_num_classes
 from fqvit_pl.models import create_model, resolve_data_config
-from fqvit_pl.quant import QuantConfig, QuantModule, quant_modules
+from fqvit_pl.quant import QuantConfig, QuantModule, check_finite_output, quant_modules
 
 __all__ = ["QuantViTModule"]
 
@@ -65,6 +65,8 @@ class QuantViTModule(pl.LightningModule):
         overrides: per-role point overrides, e.g. ``{"activation": {"bit_type": "uint6"}}``.
         label_smoothing: cross-entropy label smoothing during training.
         fp_agreement: also measure the float model in the same evaluation pass.
+        ln_eps: epsilon of the integer LayerNorm; 0 as published (NaN on a constant token, which
+            a quantized evaluation reports as an error naming the layer).
         optimizer: optimizer factory, called with the parameters (LightningCLI: ``class_path``/``init_args``).
         lr_scheduler: optional scheduler factory, called with the optimizer; stepped every epoch.
     """
@@ -82,6 +84,7 @@ class QuantViTModule(pl.LightningModule):
         overrides: Optional[dict[str, dict[str, Any]]] = None,
         label_smoothing: float = 0.0,
         fp_agreement: bool = False,
+        ln_eps: float = 0.0,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: Optional[LRSchedulerCallable] = None,
     ) -> None:
@@ -96,6 +99,7 @@ class QuantViTModule(pl.LightningModule):
             checkpoint_path=checkpoint_path,
             num_classes=num_classes,
             model_kwargs=model_kwargs,
+            ln_eps=ln_eps,
             **dict(overrides or {}),
         ).train()  # create_model returns eval mode; Lightning switches modes per stage from here
         self.label_smoothing = label_smoothing
@@ -210,6 +214,8 @@ class QuantViTModule(pl.LightningModule):
     def _evaluation_step(self, batch: Any, stage: str) -> None:
         x, y = batch[0], batch[1]
         logits = self(x)
+        if self._quantized:  # NaN would only lower top-1 silently: name the layer instead
+            check_finite_output(self.net, x, logits)
         metrics = self.metrics[stage]
         size = len(y)
         metrics["top1"](logits, y)

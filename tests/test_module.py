@@ -1,5 +1,7 @@
 """QuantViTModule: metrics against an independent computation, float agreement, description."""
 
+import math
+
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -8,7 +10,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fqvit_pl.callbacks import QuantCalibration
 from fqvit_pl.module import QuantViTModule
-from fqvit_pl.quant import is_calibrated
+from fqvit_pl.quant import NonFiniteOutputError, is_calibrated
 
 TINY = {"img_size": 16, "patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2}
 
@@ -168,3 +170,18 @@ def test_unknown_model_or_method_fails_at_construction():
         _module(model_name="resnet50")
     with pytest.raises(ValueError, match="unknown method"):
         _module(method="kl")
+
+
+@pytest.mark.parametrize("ln_eps", [0.0, 1e-6])
+def test_nan_in_quantized_logits_is_an_error_naming_the_layer(ln_eps):
+    module, data = _module(ln_eps=ln_eps), RandomImages()
+    with torch.no_grad():  # every token the zero vector: the integer LayerNorm divides by 0
+        for name in ("patch_embed.proj.weight", "patch_embed.proj.bias", "cls_token", "pos_embed"):
+            module.net.get_parameter(name).zero_()
+    trainer = _trainer(callbacks=[QuantCalibration()])
+    if ln_eps:
+        results = trainer.validate(module, datamodule=data)[0]
+        assert math.isfinite(results["val/loss"])  # with the opt-in epsilon: finite logits
+    else:
+        with pytest.raises(NonFiniteOutputError, match=r"'blocks\.0\.norm1'.*--model\.ln_eps"):
+            trainer.validate(module, datamodule=data)

@@ -113,6 +113,7 @@ def create_model(
     checkpoint_path: str | os.PathLike[str] | None = None,
     num_classes: int = 1000,
     model_kwargs: Mapping[str, Any] | None = None,
+    ln_eps: float = 0.0,
     **overrides: Mapping[str, Any],
 ) -> nn.Module:
     """Build a quantized network of the published table, uncalibrated (it computes in float).
@@ -128,6 +129,8 @@ def create_model(
             (ViT: ``img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, qkv_bias``;
             Swin: ``img_size, patch_size, in_chans, embed_dim, depths, num_heads, window_size, mlp_ratio,
             qkv_bias``). With ``pretrained`` they also reach timm.
+        ln_eps: epsilon of the integer LayerNorm (ptf); 0 as published, where a token whose
+            channels are all equal gives NaN (see :class:`fqvit_pl.quant.QuantConfig`).
         **overrides: per-role changes of the quantization configuration, e.g.
             ``activation={"bit_type": "uint6"}``; roles are ``weight, activation, ln_input, softmax``.
 
@@ -159,7 +162,7 @@ def create_model(
         checkpoint_path
     ):  # before building a large network
         raise FileNotFoundError(f"checkpoint {os.fspath(checkpoint_path)!r} does not exist")
-    qconfig = QuantConfig(method, ptf, lis, overrides=dict(overrides))
+    qconfig = QuantConfig(method, ptf, lis, overrides=dict(overrides), ln_eps=ln_eps)
     arch_kwargs = _architecture_kwargs(spec, model_kwargs)
     builder = _BUILDERS[spec.family]
     extra = {"input_quant": spec.input_quant} if builder is QuantVisionTransformer else {}

@@ -57,7 +57,9 @@ class QuantPatchEmbed(nn.Module):
             self.norm = None
             self.norm_quant = None
         else:
-            self.norm = QuantLayerNorm(embed_dim, eps=norm_eps, integer=qconfig.ptf)
+            self.norm = QuantLayerNorm(
+                embed_dim, eps=norm_eps, integer=qconfig.ptf, integer_eps=qconfig.ln_eps
+            )
             self.norm_quant = QuantAct(embed_dim, qconfig.point("activation"))
 
     @property

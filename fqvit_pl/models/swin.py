@@ -29,6 +29,7 @@ from ..quant import (
     QuantLayerNorm,
     QuantLinear,
     QuantSoftmax,
+    guard_calibration_config,
 )
 from .layers import QuantMlp, QuantPatchEmbed, TokenAvgPool, check_input_size, init_weights
 
@@ -108,7 +109,8 @@ class QuantWindowAttention(nn.Module):
         self.score_quant = QuantAct(
             num_heads, act
         )  # [B, heads, N, N]: the channel axis is the head
-        self.bias_table_quant = QuantAct(num_heads, act)
+        # A parameter, the same on every process: under DDP its statistics are not merged as data.
+        self.bias_table_quant = QuantAct(num_heads, act, replicated_input=True)
         self.bias_quant = QuantAct(num_heads, act)
         self.softmax = QuantSoftmax(qconfig.point("softmax"), lis=qconfig.lis)
         self.context_quant = QuantAct(dim, act)
@@ -174,11 +176,11 @@ class QuantSwinBlock(nn.Module):
         self.shift_size: tuple[int, int] = tuple(
             w // 2 if shift and r > w else 0 for r, w in zip(input_resolution, window_size)
         )
-        self.norm1 = QuantLayerNorm(dim, eps=eps, integer=qconfig.ptf)
+        self.norm1 = QuantLayerNorm(dim, eps=eps, integer=qconfig.ptf, integer_eps=qconfig.ln_eps)
         self.norm1_quant = QuantAct(dim, act)
         self.attn = QuantWindowAttention(dim, num_heads, self.window_size, qkv_bias, qconfig)
         self.res1_quant = QuantAct(dim, ln_input)
-        self.norm2 = QuantLayerNorm(dim, eps=eps, integer=qconfig.ptf)
+        self.norm2 = QuantLayerNorm(dim, eps=eps, integer=qconfig.ptf, integer_eps=qconfig.ln_eps)
         self.norm2_quant = QuantAct(dim, act)
         self.mlp = QuantMlp(dim, int(dim * mlp_ratio), qconfig)
         self.res2_quant = QuantAct(dim, ln_input)
@@ -242,7 +244,9 @@ class QuantPatchMerging(nn.Module):
         super().__init__()
         self.input_resolution = input_resolution
         self.output_resolution = tuple(math.ceil(r / 2) for r in input_resolution)
-        self.norm = QuantLayerNorm(4 * dim, eps=eps, integer=qconfig.ptf)
+        self.norm = QuantLayerNorm(
+            4 * dim, eps=eps, integer=qconfig.ptf, integer_eps=qconfig.ln_eps
+        )
         self.norm_quant = QuantAct(4 * dim, qconfig.point("activation"))
         self.reduction = QuantLinear(4 * dim, out_dim, bias=False, config=qconfig.point("weight"))
         self.reduction_quant = QuantAct(out_dim, qconfig.point("ln_input"))
@@ -406,11 +410,14 @@ class QuantSwinTransformer(nn.Module):
             resolution = stage.output_resolution
             stages.append(stage)
         self.layers = nn.ModuleList(stages)
-        self.norm = QuantLayerNorm(self.num_features, eps=eps, integer=qconfig.ptf)
+        self.norm = QuantLayerNorm(
+            self.num_features, eps=eps, integer=qconfig.ptf, integer_eps=qconfig.ln_eps
+        )
         self.norm_quant = QuantAct(self.num_features, qconfig.point("activation"))
         self.head = QuantSwinHead(self.num_features, num_classes, qconfig)
         self.pretrained_cfg: dict = {"input_size": (in_chans, *self.patch_embed.img_size)}
         init_weights(self)
+        guard_calibration_config(self)
 
     @property
     def img_size(self) -> tuple[int, int]:

@@ -15,7 +15,14 @@ from timm.layers import trunc_normal_
 from timm.models.vision_transformer import checkpoint_filter_fn
 from torch import Tensor, nn
 
-from ..quant import QuantAct, QuantConfig, QuantLayerNorm, QuantLinear, QuantSoftmax
+from ..quant import (
+    QuantAct,
+    QuantConfig,
+    QuantLayerNorm,
+    QuantLinear,
+    QuantSoftmax,
+    guard_calibration_config,
+)
 from .layers import QuantMlp, QuantPatchEmbed, check_input_size, init_weights
 
 __all__ = ["QuantAttention", "QuantBlock", "QuantVisionTransformer"]
@@ -78,11 +85,11 @@ class QuantBlock(nn.Module):
     ) -> None:
         super().__init__()
         act, ln_input = qconfig.point("activation"), qconfig.point("ln_input")
-        self.norm1 = QuantLayerNorm(dim, eps=eps, integer=qconfig.ptf)
+        self.norm1 = QuantLayerNorm(dim, eps=eps, integer=qconfig.ptf, integer_eps=qconfig.ln_eps)
         self.norm1_quant = QuantAct(dim, act)
         self.attn = QuantAttention(dim, num_heads, qkv_bias, qconfig)
         self.res1_quant = QuantAct(dim, ln_input)
-        self.norm2 = QuantLayerNorm(dim, eps=eps, integer=qconfig.ptf)
+        self.norm2 = QuantLayerNorm(dim, eps=eps, integer=qconfig.ptf, integer_eps=qconfig.ln_eps)
         self.norm2_quant = QuantAct(dim, act)
         self.mlp = QuantMlp(dim, int(dim * mlp_ratio), qconfig)
         self.res2_quant = QuantAct(dim, ln_input)
@@ -143,19 +150,23 @@ class QuantVisionTransformer(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.cls_quant = QuantAct(embed_dim, act)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, embed_dim))
-        self.pos_quant = QuantAct(embed_dim, act)
+        # The same tensor on every process: under DDP its statistics are not merged as data.
+        self.pos_quant = QuantAct(embed_dim, act, replicated_input=True)
         self.embed_quant = QuantAct(embed_dim, ln_input)
         self.blocks = nn.ModuleList(
             QuantBlock(embed_dim, num_heads, mlp_ratio, qkv_bias, eps, qconfig)
             for _ in range(depth)
         )
-        self.norm = QuantLayerNorm(embed_dim, eps=eps, integer=qconfig.ptf)
+        self.norm = QuantLayerNorm(
+            embed_dim, eps=eps, integer=qconfig.ptf, integer_eps=qconfig.ln_eps
+        )
         self.pre_head_quant = QuantAct(embed_dim, act)
         self.head = QuantLinear(embed_dim, num_classes, config=qconfig.point("weight"))
         self.logits_quant = QuantAct(num_classes, act)
         # timm's checkpoint filter reads the source resolution from here; ours is the resolution built.
         self.pretrained_cfg: dict = {"input_size": (in_chans, *self.patch_embed.img_size)}
         self.reset_parameters()
+        guard_calibration_config(self)
 
     @property
     def img_size(self) -> tuple[int, int]:

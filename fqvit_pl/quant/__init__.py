@@ -18,7 +18,14 @@ from .calibrate import (
     quant_modules,
     reset_calibration,
 )
-from .config import METHODS, ROLES, PointConfig, QuantConfig
+from .checks import (
+    NonFiniteOutputError,
+    check_calibration_config,
+    check_finite_output,
+    first_nonfinite_layer,
+    guard_calibration_config,
+)
+from .config import METHODS, ROLES, CalibrationConfigError, PointConfig, QuantConfig
 from .kernels import fast_kernels, fast_kernels_enabled, set_fast_kernels
 from .modules import QuantAct, QuantConv2d, QuantLayerNorm, QuantLinear, QuantModule, QuantSoftmax
 from .observers import (
@@ -41,6 +48,12 @@ __all__ = [
     "ROLES",
     "PointConfig",
     "QuantConfig",
+    "CalibrationConfigError",
+    "check_calibration_config",
+    "guard_calibration_config",
+    "NonFiniteOutputError",
+    "check_finite_output",
+    "first_nonfinite_layer",
     "Observer",
     "MinMaxObserver",
     "EmaObserver",

@@ -121,7 +121,9 @@ def _check_ranks_agree(model: nn.Module, reducer: StatReducer) -> None:
     if not torch.equal(reducer.reduce(checksum, "min"), reducer.reduce(checksum, "max")):
         raise RuntimeError(
             "calibration: the processes ended with different quantization parameters "
-            "(their calibration checksums differ); the merged statistics are inconsistent"
+            "(their calibration checksums differ); the merged statistics are inconsistent. A point "
+            "built with QuantAct(..., replicated_input=True) must see the same tensor on every "
+            "process; one whose input differs between processes must not be declared so"
         )
 
 

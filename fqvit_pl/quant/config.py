@@ -10,6 +10,7 @@ from .observers import OBSERVER_CLASSES
 from .quantizers import QUANTIZER_CLASSES
 
 __all__ = [
+    "CalibrationConfigError",
     "PointConfig",
     "QuantConfig",
     "METHODS",
@@ -25,6 +26,10 @@ QUANTIZERS = tuple(QUANTIZER_CLASSES)
 GRANULARITIES = ("channel", "tensor")
 #: weight: every Linear/Conv2d weight; activation: every Q(x); ln_input: every LNQ(x); softmax: attention probabilities.
 ROLES = ("weight", "activation", "ln_input", "softmax")
+
+
+class CalibrationConfigError(ValueError):
+    """A calibration (state dict) made for another quantization configuration than the model's."""
 
 
 @dataclass(frozen=True)
@@ -49,6 +54,15 @@ class PointConfig:
             self.bit_type, self.granularity == "channel"
         )
 
+    @property
+    def label(self) -> str:
+        """``bit_type/observer/granularity/quantizer``, e.g. ``uint8/omse/tensor/uniform``.
+
+        Every calibrated point stores it (:class:`~fqvit_pl.quant.QuantAct`'s ``point_config``
+        buffer), so a calibration never loads into a point built differently.
+        """
+        return f"{self.bit_type.name}/{self.observer}/{self.granularity}/{self.quantizer}"
+
 
 @dataclass(frozen=True)
 class QuantConfig:
@@ -57,15 +71,22 @@ class QuantConfig:
     ``QuantConfig("omse", ptf=True, lis=True).point("ln_input")`` gives the §2 row of that role.
     ``overrides`` maps a role (``weight``, ``activation``, ``ln_input``, ``softmax``) to the fields
     it changes, e.g. ``{"activation": {"bit_type": "uint6"}, "softmax": {"bit_type": "uint8"}}``
-    (8-bit Log-Int-Softmax with 6-bit activations).
+    (8-bit Log-Int-Softmax with 6-bit activations). ``ln_eps`` is an epsilon the integer
+    LayerNorm adds to the variance; the published method has none (``0.0``, the default), so a
+    constant token gives NaN there (see :func:`~fqvit_pl.quant.functional.int_layernorm`).
     """
 
     method: str = "minmax"
     ptf: bool = True
     lis: bool = True
     overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    ln_eps: float = 0.0
 
     def __post_init__(self) -> None:
+        if not (isinstance(self.ln_eps, (int, float)) and 0.0 <= self.ln_eps < float("inf")):
+            raise ValueError(
+                f"QuantConfig: ln_eps must be a finite number >= 0, got {self.ln_eps!r}"
+            )
         if self.method not in METHODS:
             raise ValueError(
                 f"QuantConfig: unknown method {self.method!r}; choose one of {METHODS}"
@@ -115,6 +136,12 @@ class QuantConfig:
         if "bit_type" in changes:
             changes["bit_type"] = get_bit_type(changes["bit_type"])
         return replace(cfg, **changes) if changes else cfg
+
+    def describe(self) -> str:
+        """The whole configuration in one line: method, ptf, lis, ln_eps (if set) and every role's point."""
+        eps = f" ln_eps={self.ln_eps:g}" if self.ln_eps else ""
+        roles = " ".join(f"{role}={self.point(role).label}" for role in ROLES)
+        return f"method={self.method} ptf={self.ptf} lis={self.lis}{eps} {roles}"
 
     @property
     def bits_label(self) -> str:

@@ -312,7 +312,14 @@ def tile_channel_scales(in_scale: Tensor, channels: int) -> Tensor:
 
 
 def int_layernorm(
-    x: Tensor, in_scale: Tensor, out_scale: Tensor, weight: Tensor, bias: Tensor, *, bits: int = 7
+    x: Tensor,
+    in_scale: Tensor,
+    out_scale: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    *,
+    bits: int = 7,
+    eps: float = 0.0,
 ) -> Tensor:
     """Integer LayerNorm over the last dim with Power-of-Two Factor inputs (§7).
 
@@ -326,7 +333,9 @@ def int_layernorm(
     4. ``B = round((beta - (mean / std) gamma) / s_out 2**N)``.
     5. ``y_q = round((sign(A) M x_q + B) / 2**N)``; returns ``y_q * s_out``.
 
-    There is no epsilon (as published): a constant token divides by 0.
+    There is no epsilon by default (as published): a constant token divides by 0 and gives NaN.
+    ``eps > 0`` (opt-in) takes ``std = sqrt(std**2 + eps)``, as ``nn.LayerNorm`` adds its
+    epsilon to the variance.
     """
     channels = x.shape[-1]
     in_scale = tile_channel_scales(in_scale, channels)
@@ -337,6 +346,8 @@ def int_layernorm(
     std = (s_min / channels) * torch.sqrt(
         channels * x_q.pow(2).sum(dim=-1, keepdim=True) - x_q.sum(dim=-1, keepdim=True) ** 2
     )
+    if eps:
+        std = torch.sqrt(std * std + eps)
     a = (s_min / std) * weight / out_scale
     sign = torch.sign(a)
     n = torch.clamp(bits - torch.floor(torch.log2(a.abs())), 0, 31)

@@ -10,14 +10,14 @@ needed: see :meth:`QuantAct.forward`.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import kernels
-from .config import PointConfig
+from .config import CalibrationConfigError, PointConfig
 from .observers import build_observer
 from .quantizers import build_quantizer
 
@@ -84,25 +84,83 @@ class QuantModule(nn.Module):
         self.qname = name
 
 
+#: Bytes of the ``point_config`` buffer: room for the longest :attr:`PointConfig.label`.
+_LABEL_BYTES = 48
+
+
+def encode_label(label: str) -> Tensor:
+    """``label`` as a zero-padded ``[48]`` uint8 tensor (a buffer that any checkpoint format keeps)."""
+    data = label.encode("ascii")
+    if len(data) > _LABEL_BYTES:
+        raise ValueError(f"configuration label {label!r} is longer than {_LABEL_BYTES} bytes")
+    return torch.tensor(list(data.ljust(_LABEL_BYTES, b"\0")), dtype=torch.uint8)
+
+
+def decode_label(code: Tensor) -> str:
+    """The label :func:`encode_label` stored in ``code`` (``?`` for bytes that are not ASCII)."""
+    return bytes(code.detach().cpu().reshape(-1).tolist()).rstrip(b"\0").decode("ascii", "replace")
+
+
+def stored_point_label(state_dict: Mapping[str, Any], prefix: str) -> str | None:
+    """The configuration label of a *calibrated* point stored under ``prefix`` in ``state_dict``.
+
+    ``None`` when the point is absent, uncalibrated (its statistics are the initial ones, so any
+    configuration may take them) or has no ``point_config`` entry.
+    """
+    code, calibrated = (
+        state_dict.get(prefix + "point_config"),
+        state_dict.get(prefix + "calibrated"),
+    )
+    if not isinstance(code, Tensor) or not isinstance(calibrated, Tensor):
+        return None
+    if code.dtype != torch.uint8 or code.dim() != 1 or not bool(calibrated.any()):
+        return None
+    return decode_label(code)
+
+
 class QuantAct(QuantModule):
     """A quantization point ``Q(x)``: an observer plus a quantizer (§2, §6).
 
     ``num_channels`` is the size of the channel axis (last dim; dim 1 for NCHW), needed for
     per-channel configs; the output has the input's shape. With ``weight=True`` the point lays out
     a weight (channel = dim 0).
+
+    ``replicated_input=True`` declares that the point's input is the same tensor on every process
+    (a parameter, or anything computed from parameters only, such as a position embedding or a
+    relative-position bias table): under ``torch.distributed`` its statistics are then not merged
+    across processes (merging would count each value once per process). Default: ``weight`` (a
+    weight is a parameter). Data-dependent inputs must keep it ``False``.
+
+    The point's :attr:`PointConfig.label` is stored in the ``point_config`` buffer; a state dict
+    whose point was calibrated with another configuration does not load
+    (:class:`~fqvit_pl.quant.CalibrationConfigError`).
     """
 
-    def __init__(self, num_channels: int, config: PointConfig, weight: bool = False) -> None:
+    def __init__(
+        self,
+        num_channels: int,
+        config: PointConfig,
+        weight: bool = False,
+        *,
+        replicated_input: bool | None = None,
+    ) -> None:
         super().__init__()
         per_channel = config.granularity == "channel"
         self.config = config
         self.is_weight_point = weight
+        self.replicated_input = weight if replicated_input is None else replicated_input
         self.observer = build_observer(
-            config.observer, config.bit_type, num_channels, per_channel, weight
+            config.observer,
+            config.bit_type,
+            num_channels,
+            per_channel,
+            weight,
+            replicated=self.replicated_input,
         )
         self.quantizer = build_quantizer(
             config.quantizer, config.bit_type, num_channels, per_channel, weight
         )
+        self.register_buffer("point_config", encode_label(config.label))
         self.register_buffer("calibrated", torch.zeros((), dtype=torch.bool))
         self._init_quant_state()
         self._calibrated = False
@@ -126,6 +184,31 @@ class QuantAct(QuantModule):
     def set_name(self, name: str) -> None:
         super().set_name(name)
         self.observer.name = name
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict,
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        stored = stored_point_label(state_dict, prefix)
+        if stored is not None and stored != self.config.label:
+            name = prefix.rstrip(".") or self.qname
+            raise CalibrationConfigError(
+                f"{name}: the state dict holds a calibration made with {stored}, this point is "
+                f"built with {self.config.label}; build the model with the checkpoint's "
+                "quantization configuration, or load only its float weights and recalibrate"
+            )
+        if prefix + "point_config" in state_dict:
+            # The label describes this point, not the checkpoint's (an uncalibrated one may differ).
+            state_dict[prefix + "point_config"] = self.point_config
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def _sync_from_buffers(self) -> None:
         super()._sync_from_buffers()
@@ -246,12 +329,21 @@ class QuantLayerNorm(nn.LayerNorm, QuantModule):
 
     ``forward(x, in_point, out_point)``: with ``integer=True`` and quantization on, computes the
     integer LayerNorm from ``in_point``'s per-channel scales and ``out_point``'s scale; otherwise the
-    float LayerNorm (the points are then unused). ``x`` is ``[..., C]``.
+    float LayerNorm (the points are then unused). ``x`` is ``[..., C]``. ``eps`` is the float
+    LayerNorm's epsilon; the integer one adds ``integer_eps`` (default 0, as published).
     """
 
-    def __init__(self, normalized_shape: int, eps: float = 1e-6, *, integer: bool = False) -> None:
+    def __init__(
+        self,
+        normalized_shape: int,
+        eps: float = 1e-6,
+        *,
+        integer: bool = False,
+        integer_eps: float = 0.0,
+    ) -> None:
         super().__init__(normalized_shape, eps=eps)
         self.integer = integer
+        self.integer_eps = integer_eps
         self._init_quant_state()
 
     def set_quantization(self, enabled: bool) -> None:
@@ -267,8 +359,14 @@ class QuantLayerNorm(nn.LayerNorm, QuantModule):
                 raise RuntimeError(
                     f"{self.qname}: the integer LayerNorm needs its input and output points"
                 )
-            return kernels.int_layernorm(x, in_point.scale, out_point.scale, self.weight, self.bias)
+            return kernels.int_layernorm(
+                x, in_point.scale, out_point.scale, self.weight, self.bias, eps=self.integer_eps
+            )
         return kernels.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+
+    def extra_repr(self) -> str:
+        integer = f", integer=True, integer_eps={self.integer_eps:g}" if self.integer else ""
+        return super().extra_repr() + integer
 
 
 class QuantSoftmax(QuantModule):

@@ -3,6 +3,9 @@
 Every statistic lives in a registered buffer of final shape, so a checkpoint carries it. Each
 observer declares how its per-batch statistics merge (``BATCH_MERGE``) and how the errors of its
 final search merge (``SEARCH_MERGE``), which lets calibration merge them across processes.
+An observer built with ``replicated=True`` watches a tensor that is the same on every process (a
+parameter, e.g. a position embedding): it merges nothing, since each process already holds what a
+single process would see, and merging copies would count the same values once per process.
 """
 
 from __future__ import annotations
@@ -22,7 +25,10 @@ from .functional import (
     quantile_tail_size,
     range_to_qparams,
 )
-from .reduce import MergeRule, get_reducer
+from .reduce import LocalReducer, MergeRule, StatReducer, get_reducer
+
+#: The reducer of a replicated input: nothing to merge.
+_LOCAL = LocalReducer()
 
 __all__ = [
     "Observer",
@@ -40,7 +46,9 @@ class Observer(nn.Module):
     """Base observer: running ``min_val``/``max_val`` buffers, shape ``[C]`` per channel or ``[]`` per tensor.
 
     ``update(x)`` folds one batch in; ``compute_qparams(x)`` returns ``(scale, zero_point)`` using the
-    running statistics and, for searching observers, ``x`` (the last batch).
+    running statistics and, for searching observers, ``x`` (the last batch). ``replicated=True``
+    declares that ``x`` is the same tensor on every process: its statistics are then not merged
+    across processes (see the module docstring).
     """
 
     BATCH_MERGE: ClassVar[dict[str, MergeRule]] = {"min": "min", "max": "max"}
@@ -52,11 +60,17 @@ class Observer(nn.Module):
     SIGNED: ClassVar[bool] = True
 
     def __init__(
-        self, bit_type: BitType, num_channels: int, per_channel: bool, weight: bool = False
+        self,
+        bit_type: BitType,
+        num_channels: int,
+        per_channel: bool,
+        weight: bool = False,
+        replicated: bool = False,
     ) -> None:
         self.check_supported(bit_type, per_channel)
         super().__init__()
         self.bit_type = bit_type
+        self.replicated = replicated
         self.num_channels = num_channels
         self.per_channel = per_channel
         self.weight = weight
@@ -81,7 +95,13 @@ class Observer(nn.Module):
             )
 
     def extra_repr(self) -> str:
-        return f"{self.bit_type.name}, channels={self.num_channels}, per_channel={self.per_channel}"
+        replicated = ", replicated" if self.replicated else ""
+        return f"{self.bit_type.name}, channels={self.num_channels}, per_channel={self.per_channel}{replicated}"
+
+    def reducer(self) -> StatReducer:
+        """How this observer's statistics merge across processes: the current reducer, or none
+        (:class:`LocalReducer`) for a replicated input."""
+        return _LOCAL if self.replicated else get_reducer()
 
     def reset(self) -> None:
         """Forget everything observed."""
@@ -115,7 +135,7 @@ class Observer(nn.Module):
     def update(self, x: Tensor) -> None:
         """Observe one batch. Raises ``ValueError`` naming the observer on NaN/Inf or a bad rank."""
         channels = self._layout(x.detach())
-        reducer = get_reducer()
+        reducer = self.reducer()
         stats = self.batch_statistics(channels.float())
         # NaN and Inf reach the statistics (min/max propagate NaN; the tails hold the extremes), which
         # is much cheaper than a pass over the data. The verdict is shared, so every rank raises.
@@ -181,7 +201,7 @@ class PercentileObserver(EmaObserver):
     def batch_statistics(self, channels: Tensor) -> dict[str, Tensor]:
         values = channels.t().reshape(-1)  # the same multiset, without copying the transposed view
         # Tails long enough for the quantile of the union of every process's batch.
-        numel = get_reducer().reduce(torch.tensor(values.numel(), device=values.device), "sum")
+        numel = self.reducer().reduce(torch.tensor(values.numel(), device=values.device), "sum")
         total = int(numel)
         upper_k = min(values.numel(), quantile_tail_size(total, self.upper_q, values.dtype))
         lower_k = min(values.numel(), quantile_tail_size(total, self.lower_q, values.dtype))
@@ -217,7 +237,7 @@ class OmseObserver(Observer):
         self._check_observed()
         channels = self._layout(x).float()
         mins, maxs = omse_candidates(self.min_val, self.max_val, self.num_candidates)
-        best = kernels.omse_best_candidate(channels, mins, maxs, self.bit_type, get_reducer())
+        best = kernels.omse_best_candidate(channels, mins, maxs, self.bit_type, self.reducer())
         return range_to_qparams(mins[best], maxs[best], self.bit_type)
 
 
@@ -233,9 +253,14 @@ class PtfObserver(Observer):
     SIGNED: ClassVar[bool] = False
 
     def __init__(
-        self, bit_type: BitType, num_channels: int, per_channel: bool = True, weight: bool = False
+        self,
+        bit_type: BitType,
+        num_channels: int,
+        per_channel: bool = True,
+        weight: bool = False,
+        replicated: bool = False,
     ) -> None:
-        super().__init__(bit_type, num_channels, per_channel, weight)
+        super().__init__(bit_type, num_channels, per_channel, weight, replicated)
         self.register_buffer("alpha", torch.zeros(num_channels, dtype=torch.long))
 
     def reset(self) -> None:
@@ -248,7 +273,7 @@ class PtfObserver(Observer):
         channels = self._layout(x).float()
         scales, zero_point = ptf_scales(self.min_val, self.max_val, self.bit_type)
         errors = kernels.ptf_channel_errors(channels, scales, zero_point, self.bit_type)
-        errors = get_reducer().reduce(errors, self.SEARCH_MERGE["errors"])
+        errors = self.reducer().reduce(errors, self.SEARCH_MERGE["errors"])
         self.alpha.copy_(
             torch.argmin(errors, dim=1)
         )  # first minimum: the smallest scale wins a tie
@@ -263,9 +288,14 @@ OBSERVER_CLASSES: dict[str, type[Observer]] = {
 
 
 def build_observer(
-    kind: str, bit_type: BitType, num_channels: int, per_channel: bool, weight: bool = False
+    kind: str,
+    bit_type: BitType,
+    num_channels: int,
+    per_channel: bool,
+    weight: bool = False,
+    replicated: bool = False,
 ) -> Observer:
     """Instantiate the observer named ``kind`` (minmax, ema, percentile, omse, ptf)."""
     if kind not in OBSERVER_CLASSES:
         raise ValueError(f"unknown observer {kind!r}; choose one of {tuple(OBSERVER_CLASSES)}")
-    return OBSERVER_CLASSES[kind](bit_type, num_channels, per_channel, weight)
+    return OBSERVER_CLASSES[kind](bit_type, num_channels, per_channel, weight, replicated)

@@ -7,9 +7,11 @@ import re
 import pytest
 import torch
 from safetensors.torch import save_file
+from torch import nn
 
 from fqvit_pl.models import CheckpointError, create_model, load_checkpoint
-from fqvit_pl.quant import calibrate, is_calibrated
+from fqvit_pl.quant import CalibrationConfigError, QuantAct, calibrate, is_calibrated
+from fqvit_pl.quant.modules import decode_label
 
 DEIT = "deit_tiny_patch16_224"
 SWIN = "swin_tiny_patch4_window7_224"
@@ -117,6 +119,74 @@ def test_float_checkpoint_discards_calibration(vit_small, timm_model, randomized
     calibrate(model, [torch.randn(4, 3, 32, 32)])
     load_checkpoint(model, timm_model(DEIT, **vit_small).state_dict())
     assert not is_calibrated(model)
+
+
+# ------------------------------------------------ a calibration made for another configuration
+
+
+def _calibrated(name: str, kwargs: dict, randomized, **config) -> nn.Module:
+    model = randomized(create_model(name, model_kwargs=kwargs, **config))
+    size = model.img_size[0]
+    calibrate(model, [torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(0))])
+    return model
+
+
+def _states_equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize(
+    "name, built, stored_label, built_label",
+    [
+        ("deit_tiny", {"method": "omse"}, "uint8/minmax/tensor", "uint8/omse/tensor"),
+        ("deit_tiny", {"activation": {"bit_type": "uint6"}}, "uint8/minmax", "uint6/minmax"),
+        ("swin_tiny", {"method": "ema"}, "uint8/minmax/tensor", "uint8/ema/tensor"),
+    ],
+)
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_calibration_of_another_configuration_is_refused(
+    name, built, stored_label, built_label, suffix, tmp_path, vit_small, swin_small, randomized
+):
+    kwargs = vit_small if name == "deit_tiny" else swin_small
+    path = tmp_path / f"minmax{suffix}"
+    state = _calibrated(name, kwargs, randomized, method="minmax").state_dict()
+    if suffix == ".safetensors":
+        save_file(state, str(path))
+    else:
+        torch.save(state, path)  # read back with weights_only=True
+    model = create_model(name, model_kwargs=kwargs, **built)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CalibrationConfigError) as err:
+        load_checkpoint(model, path)
+    message = str(err.value)
+    assert f"calibrated as {stored_label}" in message and f"built as {built_label}" in message
+    assert model.qconfig.describe() in message  # the model's whole configuration
+    assert _states_equal(model.state_dict(), before)  # nothing was loaded
+
+
+def test_the_guard_refuses_before_anything_loads_inside_another_module(vit_small, randomized):
+    state = _calibrated("deit_tiny", vit_small, randomized, method="minmax").state_dict()
+    wrapper = nn.ModuleDict(
+        {"net": create_model("deit_tiny", model_kwargs=vit_small, method="omse")}
+    )
+    before = {k: v.clone() for k, v in wrapper.state_dict().items()}
+    with pytest.raises(CalibrationConfigError, match=r"first 'input_quant'"):
+        wrapper.load_state_dict({f"net.{k}": v for k, v in state.items()})
+    assert _states_equal(wrapper.state_dict(), before)
+
+
+def test_uncalibrated_state_of_another_configuration_loads(vit_small, randomized):
+    """Our own checkpoint saved before calibration holds weights only, as far as quantization goes."""
+    source = randomized(create_model("deit_tiny", model_kwargs=vit_small, method="minmax"))
+    model = create_model("deit_tiny", model_kwargs=vit_small, method="omse")
+    load_checkpoint(model, source.state_dict())
+    assert torch.equal(model.head.weight, source.head.weight) and not is_calibrated(model)
+    point = model.blocks[0].attn.qkv_quant
+    assert isinstance(point, QuantAct) and decode_label(point.point_config) == point.config.label
+    calibrate(model, [torch.randn(2, 3, 32, 32)])
+    assert decode_label(model.state_dict()["blocks.0.attn.qkv_quant.point_config"]).startswith(
+        "uint8/omse/"
+    )
 
 
 # --------------------------------------------------------------------------- bad checkpoints

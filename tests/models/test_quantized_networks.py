@@ -13,11 +13,13 @@ import torch
 
 from fqvit_pl.models import create_model
 from fqvit_pl.quant import (
+    NonFiniteOutputError,
     QuantAct,
     QuantConfig,
     QuantLayerNorm,
     QuantSoftmax,
     calibrate,
+    check_finite_output,
     quant_modules,
 )
 
@@ -275,3 +277,32 @@ def test_lis_off_softmax_on_the_uint8_grid(vit_small, randomized):
     levels = outputs[0] / softmax.point.scale + softmax.point.quantizer.zero_point
     assert torch.allclose(levels, levels.round(), atol=1e-3) and levels.max() <= 255 + 1e-3
     assert not math.isclose(softmax.point.scale.item(), 1.0)
+
+
+def _constant_token_model(vit_small: dict, **kwargs) -> torch.nn.Module:
+    """Every token is the zero vector: the patch projection, class token and position embedding are 0."""
+    model = create_model("deit_tiny", model_kwargs=vit_small, num_classes=4, **kwargs)
+    with torch.no_grad():
+        for name in ("patch_embed.proj.weight", "patch_embed.proj.bias", "cls_token", "pos_embed"):
+            model.get_parameter(name).zero_()
+    return calibrate(model, [torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))])
+
+
+def test_a_constant_token_gives_nan_named_by_layer_unless_ln_eps(vit_small):
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    published = _constant_token_model(vit_small)  # no epsilon in the integer LayerNorm (§7)
+    with torch.no_grad():
+        logits = published(images)
+    assert torch.isnan(logits).all()
+    with pytest.raises(
+        NonFiniteOutputError, match=r"'blocks\.0\.norm1' \(QuantLayerNorm\).*ln_eps"
+    ):
+        check_finite_output(published, images, logits)
+
+    model = _constant_token_model(vit_small, ln_eps=1e-6)
+    norms = [m for m in model.modules() if isinstance(m, QuantLayerNorm)]
+    assert norms and all(m.integer_eps == 1e-6 for m in norms)
+    with torch.no_grad():
+        logits = model(images)
+    assert torch.isfinite(logits).all()
+    check_finite_output(model, images, logits)  # no error

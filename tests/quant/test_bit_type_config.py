@@ -91,8 +91,20 @@ def test_overrides_change_single_fields():
             {"lis": False, "overrides": {"softmax": {"granularity": "channel"}}},
             "'softmax' is quantized per tensor",
         ),
+        ({"ln_eps": -1e-6}, "ln_eps must be a finite number >= 0"),
+        ({"ln_eps": float("nan")}, "ln_eps must be a finite number >= 0"),
     ],
 )
 def test_bad_config_names_the_problem(kwargs, message):
     with pytest.raises(ValueError, match=message):
         QuantConfig(**kwargs)
+
+
+def test_describe_names_every_choice_and_role():
+    cfg = QuantConfig("omse", ptf=False, lis=True, overrides={"activation": {"bit_type": "uint6"}})
+    assert cfg.describe() == (
+        "method=omse ptf=False lis=True weight=int8/minmax/channel/uniform "
+        "activation=uint6/omse/tensor/uniform ln_input=uint8/omse/tensor/uniform "
+        "softmax=uint4/minmax/tensor/log2"
+    )
+    assert "ln_eps=1e-06" in QuantConfig(ln_eps=1e-6).describe()

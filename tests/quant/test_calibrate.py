@@ -5,12 +5,14 @@ import torch
 from torch import nn
 
 from fqvit_pl.quant import (
+    CalibrationConfigError,
     QuantAct,
     QuantConfig,
     QuantLayerNorm,
     QuantLinear,
     QuantSoftmax,
     calibrate,
+    check_calibration_config,
     disable_quantization,
     enable_quantization,
     is_calibrated,
@@ -177,3 +179,19 @@ def test_empty_or_wrongly_typed_batches_are_named_and_change_nothing(bad, error,
         calibrate(model, batches)
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_a_calibration_of_another_configuration_does_not_load():
+    state = calibrate(TinyBlock(QuantConfig("minmax")), _batches()).state_dict()
+    omse = TinyBlock(QuantConfig("omse"))
+    # The whole model at once, before loading (what guard_calibration_config installs) ...
+    with pytest.raises(CalibrationConfigError, match=r"3 point\(s\) differ, first 'q_norm'"):
+        check_calibration_config(omse, state)
+    # ... and each point by itself in any network, naming the point and both configurations.
+    with pytest.raises(
+        CalibrationConfigError,
+        match=r"q_norm: .* made with uint8/minmax/tensor/uniform, .* built with uint8/omse/tensor/uniform",
+    ):
+        omse.load_state_dict(state)
+    # Uncalibrated, the same state is only initial statistics: any configuration takes it.
+    TinyBlock(QuantConfig("omse")).load_state_dict(TinyBlock(QuantConfig("minmax")).state_dict())

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fqvit_pl.quant import functional as Fq
-from fqvit_pl.quant import get_bit_type
+from fqvit_pl.quant import get_bit_type, kernels
 
 UINT8, INT8, UINT4 = get_bit_type("uint8"), get_bit_type("int8"), get_bit_type("uint4")
 EPS = float(np.finfo(np.float32).eps)
@@ -174,9 +174,15 @@ def test_log_int_softmax_properties():
 
 
 def _int_layernorm_transcription(
-    x: np.ndarray, s_in: np.ndarray, s_out: float, gamma: np.ndarray, beta: np.ndarray
+    x: np.ndarray,
+    s_in: np.ndarray,
+    s_out: float,
+    gamma: np.ndarray,
+    beta: np.ndarray,
+    eps: float = 0.0,
 ) -> np.ndarray:
-    """§7 step by step for one token, in float32, with explicit loops."""
+    """§7 step by step for one token, in float32, with explicit loops (``eps``: the opt-in
+    epsilon, added to the variance, ``std = sqrt(std**2 + eps)``)."""
     f32 = np.float32
     C = x.shape[0]
     s_min = min(s_in)
@@ -186,6 +192,8 @@ def _int_layernorm_transcription(
         total, total_sq = total + v, total_sq + v * v
     mean = total / f32(C) * s_min
     std = (s_min / f32(C)) * np.sqrt(f32(C) * total_sq - total * total)
+    if eps:
+        std = np.sqrt(std * std + f32(eps))
     out = []
     for c in range(C):
         A = (s_min / std) * f32(gamma[c]) / f32(s_out)
@@ -214,6 +222,33 @@ def test_int_layernorm_against_the_contract_and_float():
     reference = torch.nn.functional.layer_norm(x, (C,), gamma, beta, eps=0.0)
     bound = s_out / 2 + reference.abs().max() / 2**7 + s_out
     assert (got - reference).abs().max() <= bound
+
+
+def test_int_layernorm_epsilon_is_opt_in():
+    gen = torch.Generator().manual_seed(2)
+    C, s_out = 8, torch.tensor(0.05)
+    s_in = 0.01 * 2.0 ** torch.randint(0, 3, (C,), generator=gen).float()
+    x = torch.randint(-40, 40, (4, C), generator=gen).float() * s_in
+    x[1] = 0.0  # a constant token
+    gamma, beta = torch.rand(C, generator=gen) + 0.5, torch.randn(C, generator=gen) * 0.1
+    # As published: no epsilon, a token whose integers are all equal divides by zero.
+    published = kernels.int_layernorm(x, s_in, s_out, gamma, beta)
+    assert torch.isnan(published[1]).all()
+    assert torch.isfinite(published[[0, 2, 3]]).all()
+    eps = 1e-6
+    got = kernels.int_layernorm(x, s_in, s_out, gamma, beta, eps=eps)  # the fast path
+    assert torch.isfinite(got).all()
+    for token, row in zip(x.numpy(), got.numpy()):
+        expected = _int_layernorm_transcription(
+            token, s_in.numpy(), float(s_out), gamma.numpy(), beta.numpy(), eps=eps
+        )
+        np.testing.assert_array_equal(row, expected)
+    # A constant token normalizes to beta, as in float LayerNorm (within the output rounding).
+    assert (got[1] - beta).abs().max() <= float(s_out)
+    # The plain formula and the compiled-kernel path give the same bits.
+    assert torch.equal(Fq.int_layernorm(x, s_in, s_out, gamma, beta, eps=eps), got)
+    traced = kernels.traced.int_layernorm(x, s_in, s_out, gamma, beta, 7, eps)
+    assert torch.equal(traced, got)
 
 
 def test_int_layernorm_tiles_scales_for_patch_merging():

@@ -6,11 +6,15 @@ import torch
 
 from fqvit_pl.quant import (
     EmaObserver,
+    LocalReducer,
     MinMaxObserver,
     OmseObserver,
     PercentileObserver,
     PtfObserver,
+    StatReducer,
+    build_observer,
     get_bit_type,
+    use_reducer,
 )
 
 UINT8, INT8 = get_bit_type("uint8"), get_bit_type("int8")
@@ -222,3 +226,48 @@ def test_bad_inputs_name_the_observer():
     assert obs.num_batches.item() == 0 and torch.isinf(obs.min_val).all()  # nothing was folded in
     with pytest.raises(RuntimeError, match="before observing"):
         obs.compute_qparams(torch.zeros(1, 4))
+
+
+class CopiesReducer(StatReducer):
+    """``world`` processes that all hold this process's data: what a replicated input is under DDP."""
+
+    def __init__(self, world: int) -> None:
+        self.world = world
+
+    @property
+    def distributed(self) -> bool:
+        return True
+
+    def reduce(self, value: torch.Tensor, rule: str) -> torch.Tensor:
+        if rule == "cat":
+            return value.reshape(-1).repeat(self.world)
+        if rule == "sum":
+            return value * self.world
+        return value  # min, max
+
+
+def _observe(kind: str, batches: list, reducer: StatReducer, replicated: bool) -> tuple:
+    per_channel = kind == "ptf"
+    obs = build_observer(kind, UINT8, 8, per_channel, replicated=replicated)
+    with use_reducer(reducer):
+        for batch in batches:
+            obs.update(batch)
+        return obs.compute_qparams(batches[-1])
+
+
+@pytest.mark.parametrize("kind", ["minmax", "ema", "percentile", "omse", "ptf"])
+def test_replicated_input_is_not_merged_across_processes(kind):
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randn(1, 50, 8, generator=gen) for _ in range(2)]  # e.g. a position embedding
+    single = _observe(kind, batches, LocalReducer(), replicated=False)
+    replicated = _observe(kind, batches, CopiesReducer(3), replicated=True)
+    assert all(torch.equal(a, b) for a, b in zip(single, replicated))
+
+
+def test_percentile_of_copies_is_not_the_single_process_quantile():
+    # Why the declaration matters: merged as data, 3 copies of 400 values have another 0.99999
+    # quantile (the maximum itself) than the 400 values (interpolated below the maximum).
+    batch = torch.arange(400.0).reshape(1, 50, 8)
+    single = _observe("percentile", [batch], LocalReducer(), replicated=False)
+    merged = _observe("percentile", [batch], CopiesReducer(3), replicated=False)
+    assert merged[0] > single[0]

@@ -150,16 +150,23 @@ def log_int_softmax(x: Tensor, scale: Tensor, bit_type: BitType) -> Tensor:
 
 
 def int_layernorm(
-    x: Tensor, in_scale: Tensor, out_scale: Tensor, weight: Tensor, bias: Tensor, *, bits: int = 7
+    x: Tensor,
+    in_scale: Tensor,
+    out_scale: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    *,
+    bits: int = 7,
+    eps: float = 0.0,
 ) -> Tensor:
     """:func:`~fqvit_pl.quant.functional.int_layernorm`."""
     tensors = (x, in_scale, out_scale, weight, bias)
     if _FAST_KERNELS and _without_autograd(*tensors) and _float32(*tensors):
         in_scale = functional.tile_channel_scales(in_scale, x.shape[-1])
         if torch.compiler.is_compiling():
-            return traced.int_layernorm(x, in_scale, out_scale, weight, bias, bits)
-        return inplace.int_layernorm(x, in_scale, out_scale, weight, bias, bits)
-    return functional.int_layernorm(x, in_scale, out_scale, weight, bias, bits=bits)
+            return traced.int_layernorm(x, in_scale, out_scale, weight, bias, bits, eps)
+        return inplace.int_layernorm(x, in_scale, out_scale, weight, bias, bits, eps)
+    return functional.int_layernorm(x, in_scale, out_scale, weight, bias, bits=bits, eps=eps)
 
 
 def _aten_while_compiling() -> bool:

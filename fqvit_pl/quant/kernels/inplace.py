@@ -193,7 +193,13 @@ def layernorm_row_stats(x_q: Tensor, squares: Tensor, s_min: Tensor) -> tuple[Te
 
 
 def int_layernorm(
-    x: Tensor, in_scale: Tensor, out_scale: Tensor, weight: Tensor, bias: Tensor, bits: int
+    x: Tensor,
+    in_scale: Tensor,
+    out_scale: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    bits: int,
+    eps: float = 0.0,
 ) -> Tensor:
     """:func:`~fqvit_pl.quant.functional.int_layernorm` (float32; ``in_scale`` already tiled to
     ``[C]`` or ``[1]``) on pooled ``[..., C]`` temporaries; ``sign`` becomes the result, and
@@ -204,6 +210,8 @@ def int_layernorm(
     # x_q.pow(2): integers below 2**12, exact either way.
     work = torch.mul(x_q, x_q, out=_temporary("layernorm.work", x))
     mean, std = layernorm_row_stats(x_q, work, s_min)
+    if eps:
+        std = torch.sqrt(std * std + eps)
     a = torch.mul(s_min / std, weight, out=work).div_(out_scale)
     sign = torch.sign(a)
     a.abs_()

@@ -87,12 +87,20 @@ def lis_from_keys(keys: Tensor, bits: int) -> Tensor:
 
 
 def int_layernorm(
-    x: Tensor, in_scale: Tensor, out_scale: Tensor, weight: Tensor, bias: Tensor, bits: int
+    x: Tensor,
+    in_scale: Tensor,
+    out_scale: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    bits: int,
+    eps: float = 0.0,
 ) -> Tensor:
     """:func:`~fqvit_pl.quant.functional.int_layernorm` (float32, ``in_scale`` tiled) for torch.compile."""
     s_min = in_scale.min()
     x_q = torch.round(x / in_scale) * torch.round(in_scale / s_min)
     mean, std = torch.ops.fqvit.layernorm_row_stats(x_q, x_q * x_q, s_min)
+    if eps:
+        std = torch.sqrt(std * std + eps)
     a = (s_min / std) * weight / out_scale
     sign = torch.sign(a)
     a = torch.abs(a)
