@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fqvit_pl.callbacks import QuantCalibration
 from fqvit_pl.module import QuantViTModule
-from fqvit_pl.quant import NonFiniteOutputError, is_calibrated
+from fqvit_pl.quant import CalibrationConfigError, NonFiniteOutputError, is_calibrated
 
 TINY = {"img_size": 16, "patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2}
 
@@ -185,3 +185,21 @@ def test_nan_in_quantized_logits_is_an_error_naming_the_layer(ln_eps):
     else:
         with pytest.raises(NonFiniteOutputError, match=r"'blocks\.0\.norm1'.*--model\.ln_eps"):
             trainer.validate(module, datamodule=data)
+
+
+def test_a_lightning_checkpoint_keeps_its_calibration_configuration(tmp_path):
+    path = tmp_path / "minmax.ckpt"
+    _trainer(callbacks=[QuantCalibration(save_path=str(path))]).validate(
+        _module(method="minmax"), datamodule=RandomImages()
+    )
+    # Same configuration: loads (weights_only) and is calibrated.
+    assert is_calibrated(QuantViTModule.load_from_checkpoint(path, weights_only=True).net)
+    # Another method or bit width: refused, naming both configurations.
+    for changed, built in (
+        ({"method": "omse"}, "uint8/omse"),
+        ({"overrides": {"activation": {"bit_type": "uint6"}}}, "uint6/minmax"),
+    ):
+        with pytest.raises(
+            CalibrationConfigError, match=rf"calibrated as uint8/minmax.*built as {built}"
+        ):
+            QuantViTModule.load_from_checkpoint(path, weights_only=True, **changed)
