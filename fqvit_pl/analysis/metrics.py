@@ -76,12 +76,15 @@ class ErrorStats:
             raise ValueError(
                 f"cannot compare tensors of shapes {tuple(reference.shape)} and {tuple(approximation.shape)}"
             )
-        x = reference.detach().double()
-        y = approximation.detach().double()
-        self.signal += float(torch.sum(x * x))
-        self.noise += float(torch.sum((x - y) ** 2))
-        self.cross += float(torch.sum(x * y))
-        self.approx += float(torch.sum(y * y))
+        # float64 dot products: one pass each, no squared temporaries
+        x = reference.detach().reshape(-1).double()
+        y = approximation.detach().reshape(-1).double()
+        sums = torch.stack([torch.dot(x, x), torch.dot(x, y), torch.dot(y, y)]).tolist()
+        difference = x - y  # not in place: .double() of a float64 input is the input itself
+        self.signal += sums[0]
+        self.cross += sums[1]
+        self.approx += sums[2]
+        self.noise += float(torch.dot(difference, difference))
         self.count += x.numel()
 
     @property
@@ -129,25 +132,34 @@ def channel_view(param: Tensor, x: Tensor, *, weight: bool = False) -> Tensor:
 def channel_min_max(x: Tensor, *, weight: bool = False) -> tuple[Tensor, Tensor]:
     """Per-channel minimum and maximum of ``x`` (``[C]`` each, float32) over every other axis."""
     axis = channel_axis(x, weight=weight)
-    channels = x.detach().movedim(axis, 0).reshape(x.shape[axis], -1).float()
-    return channels.amin(dim=1), channels.amax(dim=1)
+    x = x.detach()
+    if axis == x.dim() - 1 and x.dim() > 1:  # [..., C]: reduce the rows, no transposed copy
+        channels = x.reshape(-1, x.shape[-1])
+        low, high = torch.aminmax(channels, dim=0)
+    else:
+        channels = x.movedim(axis, 0).reshape(x.shape[axis], -1)
+        low, high = torch.aminmax(channels, dim=1)
+    return low.float(), high.float()
 
 
 def clipped_counts(
     x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, *, weight: bool = False
 ) -> Tensor:
-    """Per-channel number of values that the clamp of §4 moves: ``round(x / s + zp)`` outside ``[qmin, qmax]``.
+    """Number of values that the clamp of §4 moves: ``round(x / s + zp)`` outside ``[qmin, qmax]``.
 
-    ``scale``/``zero_point`` are ``[C]`` (per channel) or ``[]``; returns int64 ``[C]`` over ``x``'s
-    channels (§3 layout) either way. The codes are computed in float32 as the fake quantizer does.
+    ``scale``/``zero_point`` are ``[C]`` (per channel: returns int64 ``[C]`` counts over ``x``'s
+    channels, §3 layout) or ``[]`` (per tensor: returns ``[1]``, all values). The codes are
+    computed in float32 as the fake quantizer does.
     """
     x = x.detach().float()
-    codes = torch.round(
-        x / channel_view(scale.float(), x, weight=weight)
-        + channel_view(zero_point.float(), x, weight=weight)
-    )
-    outside = (codes < qmin) | (codes > qmax)
+    codes = x / channel_view(scale.float(), x, weight=weight)
+    codes.add_(channel_view(zero_point.float(), x, weight=weight)).round_()
+    outside = (codes < qmin).logical_or_(codes > qmax)
+    if scale.dim() == 0:
+        return outside.sum().reshape(1)
     axis = channel_axis(x, weight=weight)
+    if axis == x.dim() - 1:
+        return outside.reshape(-1, x.shape[-1]).sum(dim=0)
     return outside.movedim(axis, 0).reshape(x.shape[axis], -1).sum(dim=1)
 
 

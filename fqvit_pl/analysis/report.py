@@ -251,7 +251,10 @@ class _Analysis:
 
     def _observe_range(self, stats: _PointStats, module: QuantAct, x: Tensor) -> None:
         weight = module.is_weight_point
-        low, high = channel_min_max(x, weight=weight)
+        if module.config.granularity == "channel":
+            low, high = channel_min_max(x, weight=weight)
+        else:
+            low, high = (v.float().reshape(1) for v in torch.aminmax(x.detach()))
         stats.low = low if stats.low is None else torch.minimum(stats.low, low)
         stats.high = high if stats.high is None else torch.maximum(stats.high, high)
         scale = getattr(module.quantizer, "scale", None)
@@ -482,12 +485,12 @@ class _Analysis:
         if stats.low is not None:
             per_channel = config.granularity == "channel"
             entry["observed_range"] = [
-                _floats(stats.low if per_channel else stats.low.min()),
-                _floats(stats.high if per_channel else stats.high.max()),
+                _floats(stats.low if per_channel else stats.low[0]),
+                _floats(stats.high if per_channel else stats.high[0]),
             ]
         if stats.clipped is not None:
             entry["clipping_rate"] = float(stats.clipped.sum()) / float(stats.counted.sum())
-            if config.granularity == "channel":
+            if stats.clipped.numel() > 1:
                 entry["clipping_rate_per_channel"] = (
                     stats.clipped.double() / stats.counted.double()
                 ).tolist()

@@ -79,3 +79,10 @@ def test_lis_levels_and_flush_threshold_follow_section_8():
     # r = floor(log2 y), +1 when y >= 1.5 * 2**floor(log2 y): r >= 16 exactly from y = 1.5 * 2**15
     assert threshold == 1 / (1.5 * 2**15)
     assert uniform_levels(4) == pytest.approx([k / 15 for k in range(16)])
+
+
+def test_error_stats_leave_float64_inputs_untouched():
+    x = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    y = torch.tensor([1.5, 2.0], dtype=torch.float64)
+    ErrorStats().update(x, y)
+    assert x.tolist() == [1.0, 2.0] and y.tolist() == [1.5, 2.0]
