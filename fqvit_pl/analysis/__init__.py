@@ -2,16 +2,10 @@
 
 :func:`quant_report` measures every quantization point of a calibrated network (scales, zero
 points, PTF factors, clipping, SQNR and cosine against the float model, alone and accumulated)
-and every layer's sensitivity, and writes report.json, report.md and figures.
+and every layer's sensitivity, and writes report.json, report.md and figures
+(:mod:`fqvit_pl.analysis.figures`, matplotlib, imported only when figures are drawn).
 """
 
-from .figures import (
-    plot_attention,
-    plot_layernorm_ranges,
-    plot_sensitivity,
-    plot_sqnr,
-    plot_table,
-)
 from .layers import layer_groups, layer_units
 from .metrics import (
     ErrorStats,
@@ -41,9 +35,4 @@ __all__ = [
     "lis_levels",
     "lis_flush_threshold",
     "uniform_levels",
-    "plot_layernorm_ranges",
-    "plot_attention",
-    "plot_sqnr",
-    "plot_sensitivity",
-    "plot_table",
 ]

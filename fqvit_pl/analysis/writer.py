@@ -9,16 +9,14 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from . import figures as plots
+__all__ = ["write_report", "render_markdown", "FIGURES"]
 
-__all__ = ["write_report", "FIGURES"]
-
-#: File name and drawing function of each figure, in report order.
+#: File name and drawing function (in :mod:`fqvit_pl.analysis.figures`) of each figure, in order.
 FIGURES = {
-    "layernorm_ranges": ("ln_input_ranges.png", plots.plot_layernorm_ranges),
-    "attention": ("attention_distribution.png", plots.plot_attention),
-    "sqnr": ("sqnr_by_layer.png", plots.plot_sqnr),
-    "sensitivity": ("sensitivity.png", plots.plot_sensitivity),
+    "layernorm_ranges": ("ln_input_ranges.png", "plot_layernorm_ranges"),
+    "attention": ("attention_distribution.png", "plot_attention"),
+    "sqnr": ("sqnr_by_layer.png", "plot_sqnr"),
+    "sensitivity": ("sensitivity.png", "plot_sensitivity"),
 }
 _CAPTIONS = {
     "layernorm_ranges": "Per-channel ranges of each LayerNorm input, coloured by the channel's PTF factor",
@@ -211,8 +209,10 @@ def write_report(
     written: dict[str, Path] = {}
     names: dict[str, str] = {}
     if figures:
-        for key, (filename, draw) in FIGURES.items():
-            path = draw(report, folder / filename)
+        from . import figures as plots  # matplotlib only when drawing
+
+        for key, (filename, function) in FIGURES.items():
+            path = getattr(plots, function)(report, folder / filename)
             if path is not None:
                 written[key] = path
                 names[key] = filename
@@ -223,7 +223,7 @@ def write_report(
     report.setdefault("timing", {})["files_seconds"] = time.perf_counter() - start
     written["json"] = folder / "report.json"
     with open(written["json"], "w") as f:
-        json.dump(_json_ready(report), f, indent=1, allow_nan=False)
+        json.dump(_json_ready(report), f, allow_nan=False)
     written["markdown"] = folder / "report.md"
     written["markdown"].write_text(render_markdown(report, title))
     return written

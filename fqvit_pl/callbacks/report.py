@@ -13,7 +13,6 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from fqvit_pl.analysis import quant_report, write_report
-from fqvit_pl.analysis.figures import plot_table
 from fqvit_pl.analysis.table import Cell, format_table, read_paper_table, read_results
 from fqvit_pl.callbacks.calibration import QuantCalibration
 from fqvit_pl.callbacks.results import ResultsWriter
@@ -165,6 +164,8 @@ class QuantReport(pl.Callback):
         except FileNotFoundError:
             paper = {}
         _, table_cells = format_table(cells, bits, rows, paper, {model: comparable})
+        from fqvit_pl.analysis.figures import plot_table  # matplotlib only when drawing
+
         title = f"{model}: top-1 of each cell" + (" against the paper" if comparable else "")
         path = plot_table(table_cells, folder / "table.png", title=title)
         return {} if path is None else {"table": "table.png"}
