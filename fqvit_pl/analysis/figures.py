@@ -41,7 +41,7 @@ _DPI = 110
 
 def _save(fig: Figure, path: str | Path) -> Path:
     path = Path(path)
-    fig.savefig(path, dpi=_DPI, bbox_inches="tight", facecolor="white")
+    fig.savefig(path, dpi=_DPI, facecolor="white")  # constrained layout fits: one draw
     return path
 
 
