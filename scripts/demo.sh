@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Offline demo (no ImageNet, no downloads): fine-tune a small ViT built by fqvit_pl.models on
 # scikit-learn's handwritten digits, then calibrate it and validate it quantized (FQ-ViT MinMax w/
-# PTS, LIS: W8/A8/Attn4), reporting float and quantized top-1. About two minutes on 2 CPU cores.
+# PTS, LIS: W8/A8/Attn4), reporting float and quantized top-1, and writing the quantization report
+# (runs/demo/report/report.md with its figures). About two minutes on 2 CPU cores.
 # Extra arguments go to both commands, e.g. `bash scripts/demo.sh --trainer.max_epochs 5`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! python -c "import torch, torchvision, timm, pytorch_lightning, torchmetrics, jsonargparse, sklearn, docstring_parser" 2>/dev/null; then
+if ! python -c "import torch, torchvision, timm, pytorch_lightning, torchmetrics, jsonargparse, sklearn, docstring_parser, matplotlib" 2>/dev/null; then
     python -m pip install -e .
 fi
 
@@ -14,5 +15,7 @@ start=$SECONDS
 python main.py fit --config configs/demo.yaml "$@"
 # The checkpoint carries the calibration of its weights: validate reuses it (add
 # --calibration.recalibrate true to calibrate again).
-python main.py validate --config configs/demo.yaml --ckpt_path runs/demo/checkpoints/last.ckpt "$@"
-echo "Demo finished in $((SECONDS - start)) s; results appended to runs/demo/results.csv"
+python main.py validate --config configs/demo.yaml --ckpt_path runs/demo/checkpoints/last.ckpt \
+    --report.dir runs/demo/report "$@"
+echo "Demo finished in $((SECONDS - start)) s; results appended to runs/demo/results.csv;"
+echo "quantization report: runs/demo/report/report.md"
