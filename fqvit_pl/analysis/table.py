@@ -178,7 +178,7 @@ def format_table(
     ``bits`` gives each cell's ``W/A/Attn`` (the key into the results CSV). The paper's value
     shows where ``comparable[model]`` (the published network, not a reduced one) and the bits
     equal the paper row's. ``peers`` (see :func:`read_peer_results`) adds a second table of other
-    methods' published numbers for the same models, labelled as such. Returns ``(markdown,
+    methods' published numbers for the same (comparable) models, labelled as such. Returns ``(markdown,
     [{"model", "label", "bits", "top1", "paper", "diff"}])``.
     """
     latest = _latest(results)
@@ -249,7 +249,7 @@ def format_table(
     if notes:
         lines += [""] + notes
     if peers:
-        relevant = [p for p in peers if p["model"] in models]
+        relevant = [p for p in peers if p["model"] in models and comparable.get(p["model"])]
         if relevant:
             lines += [
                 "",
