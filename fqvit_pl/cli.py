@@ -1,10 +1,9 @@
 """The command line: a LightningCLI over :class:`QuantViTModule` and the DataModules of ``datamodules``.
 
 ``python main.py {fit,validate,test,predict} --config configs/<model>.yaml [--key value ...]``.
-Besides the usual ``model``/``data``/``trainer`` groups it adds three callbacks, configurable as
-``calibration.*`` (:class:`~fqvit_pl.callbacks.QuantCalibration`), ``results.*``
-(:class:`~fqvit_pl.callbacks.ResultsWriter`) and ``report.*`` (:class:`~fqvit_pl.callbacks.QuantReport`,
-off until ``--report.dir`` is given).
+Besides the usual ``model``/``data``/``trainer`` groups it adds two callbacks, configurable as
+``calibration.*`` (:class:`~fqvit_pl.callbacks.QuantCalibration`) and ``results.*``
+(:class:`~fqvit_pl.callbacks.ResultsWriter`).
 """
 
 from __future__ import annotations
@@ -25,7 +24,7 @@ class FQViTCLI(LightningCLI):
     """LightningCLI with the calibration and results callbacks always present."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        """Add the ``calibration``, ``results`` and ``report`` callback groups."""
+        """Add the ``calibration``, ``results`` and ``report`` (``--report.dir``: :class:`QuantReport`) groups."""
         parser.add_lightning_class_args(QuantCalibration, "calibration")
         parser.add_lightning_class_args(ResultsWriter, "results")
         parser.add_lightning_class_args(QuantReport, "report")
