@@ -28,7 +28,7 @@ class FQViTCLI(LightningCLI):
     """LightningCLI with the calibration and results callbacks always present."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        """Add the ``calibration``, ``results`` and ``report`` callback groups."""
+        """Add the ``calibration``, ``results`` and ``report`` (``--report.dir``: :class:`QuantReport`) groups."""
         parser.add_lightning_class_args(QuantCalibration, "calibration")
         parser.add_lightning_class_args(ResultsWriter, "results")
         parser.add_lightning_class_args(QuantReport, "report")

@@ -86,3 +86,15 @@ def test_error_stats_leave_float64_inputs_untouched():
     y = torch.tensor([1.5, 2.0], dtype=torch.float64)
     ErrorStats().update(x, y)
     assert x.tolist() == [1.0, 2.0] and y.tolist() == [1.5, 2.0]
+
+
+def test_the_analysis_imports_neither_lightning_nor_matplotlib():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, fqvit_pl.analysis; "
+        "print([m for m in ('pytorch_lightning', 'lightning', 'matplotlib') if m in sys.modules])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
