@@ -17,6 +17,7 @@ from .calibrate import (
     reset_calibration,
 )
 from .config import METHODS, ROLES, PointConfig, QuantConfig
+from .integer import IntegerConversionError, build_integer_model, to_integer  # noqa: E402
 from .modules import QuantAct, QuantConv2d, QuantLayerNorm, QuantLinear, QuantModule, QuantSoftmax
 from .observers import (
     EmaObserver,
@@ -72,4 +73,7 @@ __all__ = [
     "scratch_scope",
     "with_scratch_scope",
     "eager_kernels",
+    "to_integer",
+    "build_integer_model",
+    "IntegerConversionError",
 ]
