@@ -16,7 +16,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
 from fqvit_pl.models import create_model, resolve_data_config
-from fqvit_pl.quant import QuantConfig, QuantModule, quant_modules
+from fqvit_pl.quant import QuantConfig, QuantModule, quant_modules, to_integer
 
 __all__ = ["QuantViTModule"]
 
@@ -64,6 +64,8 @@ class QuantViTModule(pl.LightningModule):
         overrides: per-role point overrides, e.g. ``{"activation": {"bit_type": "uint6"}}``.
         label_smoothing: cross-entropy label smoothing during training.
         fp_agreement: also measure the float model in the same evaluation pass.
+        execution: ``"simulated"`` (fake quantization) or ``"integer"``: after calibration the
+            evaluation runs :func:`fqvit_pl.quant.to_integer`'s integer model of the network.
         optimizer: optimizer factory, called with the parameters (LightningCLI: ``class_path``/``init_args``).
         lr_scheduler: optional scheduler factory, called with the optimizer; stepped every epoch.
     """
@@ -81,10 +83,15 @@ class QuantViTModule(pl.LightningModule):
         overrides: Optional[dict[str, dict[str, Any]]] = None,
         label_smoothing: float = 0.0,
         fp_agreement: bool = False,
+        execution: str = "simulated",
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: Optional[LRSchedulerCallable] = None,
     ) -> None:
         super().__init__()
+        if execution not in ("simulated", "integer"):
+            raise ValueError(
+                f"QuantViTModule: execution must be 'simulated' or 'integer', got {execution!r}"
+            )
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.net = create_model(
             model_name,
@@ -104,6 +111,9 @@ class QuantViTModule(pl.LightningModule):
         self.metrics = nn.ModuleDict({stage: _eval_metrics(num_classes) for stage in _EVAL_STAGES})
         self.train_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self._quantized: list[QuantModule] = []
+        # Not a submodule: derived from the calibrated network, never in checkpoints.
+        self._integer_net: Optional[nn.Module] = None
+        self._float_pass = False
 
     @property
     def quant_config(self) -> QuantConfig:
@@ -118,10 +128,24 @@ class QuantViTModule(pl.LightningModule):
             "ptf": self.quant_config.ptf,
             "lis": self.quant_config.lis,
             "bits": self.quant_config.bits_label,
+            "execution": self.hparams.get("execution", "simulated"),
         }
+
+    def on_quantization_ready(self) -> None:
+        """Called by :class:`~fqvit_pl.callbacks.QuantCalibration` once the network is calibrated and
+        quantizing: with ``execution="integer"``, build the integer model that evaluation runs."""
+        if self.hparams.get("execution", "simulated") == "integer":
+            self._integer_net = to_integer(self.net)
+
+    @property
+    def integer_net(self) -> Optional[nn.Module]:
+        """The integer model evaluated with ``execution="integer"`` (``None`` before calibration)."""
+        return self._integer_net
 
     @override
     def forward(self, x: Tensor) -> Tensor:
+        if self._integer_net is not None and not self._float_pass and not self.training:
+            return self._integer_net(x)
         return self.net(x)
 
     def _quantizing_modules(self) -> list[QuantModule]:
@@ -133,9 +157,11 @@ class QuantViTModule(pl.LightningModule):
         active = modules if modules is not None else self._quantizing_modules()
         for module in active:
             module.set_quantization(False)
+        self._float_pass = True
         try:
             yield
         finally:
+            self._float_pass = False
             for module in active:
                 module.set_quantization(True)
 
@@ -172,6 +198,9 @@ class QuantViTModule(pl.LightningModule):
     @override
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         x, y = batch[0], batch[1]
+        self._integer_net = (
+            None  # the weights change: a fresh conversion follows the next calibration
+        )
         logits = self(x)
         loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
         self.train_top1(logits, y)

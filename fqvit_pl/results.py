@@ -37,6 +37,7 @@ class ResultRow:
     loss: Optional[float] = None
     stage: str = "validate"
     timestamp: str = ""
+    execution: str = "simulated"
 
 
 #: Column order of the results CSV.
@@ -59,6 +60,7 @@ def format_summary(row: ResultRow) -> str:
         f"ptf={row.ptf}",
         f"lis={row.lis}",
         f"W/A/Attn={row.bits}",
+        *([f"execution={row.execution}"] if row.execution != "simulated" else []),
         f"top1={_num(row.top1, 2)}",
         f"top5={_num(row.top5, 2)}",
     ]

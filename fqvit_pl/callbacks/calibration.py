@@ -172,6 +172,9 @@ class QuantCalibration(pl.Callback):
                 "checkpoint): evaluating with its stored quantization parameters; set recalibrate=True "
                 "to calibrate again."
             )
+        ready = getattr(pl_module, "on_quantization_ready", None)
+        if callable(ready):
+            ready()  # e.g. QuantViTModule converts to its integer model (execution="integer")
 
     def calibrate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Calibrate ``pl_module`` now and switch quantization on (the one place calibration happens)."""

@@ -116,6 +116,7 @@ class ResultsWriter(pl.Callback):
             loss=None if loss is None else float(loss),
             stage=str(trainer.state.fn.value),
             timestamp=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            execution=str(info.get("execution", "simulated")),
         )
         self.last_row = row
         rank_zero_info(format_summary(row))

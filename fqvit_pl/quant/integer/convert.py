@@ -57,6 +57,11 @@ def _describe(model: nn.Module) -> dict[str, Any]:
     """The JSON-able ``integer_config`` of a ``QuantVisionTransformer`` / ``QuantSwinTransformer``."""
     from ...models import QuantSwinTransformer, QuantVisionTransformer
 
+    if not isinstance(model, (QuantVisionTransformer, QuantSwinTransformer)):
+        raise IntegerConversionError(
+            f"to_integer: {type(model).__name__} is not a model of fqvit_pl.models.create_model "
+            "(QuantVisionTransformer or QuantSwinTransformer)"
+        )
     q = model.qconfig
     quant = {
         "method": q.method,
