@@ -137,7 +137,7 @@ class IntegerLinear(nn.Module):
             kernels.linear_codes(codes), in_point.py_scale, in_point.py_zero_point,
             self._packed_weight(), self.weight_scale,
             torch.zeros_like(self.weight_scale, dtype=torch.long), self.bias,
-            out_point.py_scale, out_point.py_zero_point, None, "none", [], "",
+            out_point.py_scale, out_point.py_zero_point, torch.uint8, "none", [], "",
         )  # fmt: skip
         return out.reshape(*lead, self.out_features)
 
@@ -214,6 +214,7 @@ class IntegerAttention(nn.Module):
         lis: bool,
         *,
         window_size: tuple[int, int] | None = None,
+        tokens: int = 4096,
     ) -> None:
         super().__init__()
         self.dim, self.num_heads = dim, num_heads
@@ -227,6 +228,9 @@ class IntegerAttention(nn.Module):
         self.qkv_point = IntPoint(act)
         self.score_point = IntPoint(act)
         self.window_area = None
+        self.tokens = (
+            tokens  # the longest row Log-Int-Softmax sees (for the float64 exactness bound)
+        )
         if window_size is not None:
             self.window_area = window_size[0] * window_size[1]
             rows = (2 * window_size[0] - 1) * (2 * window_size[1] - 1)
@@ -272,7 +276,7 @@ class IntegerAttention(nn.Module):
             else:
                 table = kernels.lis_exp_table_2d(point.scale, point.zero_point)
             self.lis_exp_table = table.to(self.lis_prob_table.device)
-            tokens = self.window_area or 4096
+            tokens = self.window_area or self.tokens
             self.exact_float64 = float(self.lis_exp_table.max()) * tokens < 2.0**52
 
     def relative_bias(self) -> Tensor:
@@ -296,8 +300,15 @@ class IntegerAttention(nn.Module):
         softmax grids wider than 4 bits.) Without lis, ``(c_p - zp_p) @ (c_v - zp_v)`` holds integers
         below ``N * 255**2 < 2**24`` for ``N <= 258`` tokens.
         """
-        batch, tokens, dim = codes.shape
         qkv = self.qkv.codes_out(codes, in_point, self.qkv_point)
+        scores, v = self.scores(qkv)
+        context = self.context(scores, v, mask)
+        return self.proj.codes_out(context, self.context_point, self.proj_point)
+
+    def scores(self, qkv: Tensor) -> tuple[Tensor, Tensor]:
+        """qkv codes ``[B, N, 3 * dim]`` → (score codes ``[B, heads, N, N]`` of :meth:`lis_point`,
+        V's codes minus their zero point ``[B, heads, N, head_dim]`` as float32 integers)."""
+        batch, tokens, _ = qkv.shape
         qkv = qkv.to(torch.float32) - self.qkv_point.zero_point
         q, k, v = (
             qkv.reshape(batch, tokens, 3, self.num_heads, self.head_dim)
@@ -311,6 +322,11 @@ class IntegerAttention(nn.Module):
         if self.window_area is not None:
             value = self.score_point.dequantize(scores) + self.relative_bias()
             scores = self.bias_point.quantize(value)
+        return scores, v
+
+    def context(self, scores: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Softmax of the score codes, ``@ V``, merged heads: codes ``[B, N, dim]`` of ``context_point``."""
+        batch, _, tokens, _ = scores.shape
         if mask is not None:
             windows = mask.shape[0]
             scores = scores.view(-1, windows, self.num_heads, tokens, tokens)
@@ -332,5 +348,4 @@ class IntegerAttention(nn.Module):
             context = kernels.int_matmul_exact(p, v) * (
                 self.softmax_point.scale * self.qkv_point.scale
             )
-        context = self.context_point.quantize(context.transpose(1, 2).reshape(batch, tokens, dim))
-        return self.proj.codes_out(context, self.context_point, self.proj_point)
+        return self.context_point.quantize(context.transpose(1, 2).reshape(batch, tokens, self.dim))

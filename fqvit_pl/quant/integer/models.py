@@ -85,12 +85,21 @@ class IntegerViTBlock(nn.Module):
     """``h = Q(norm1(x))``; ``x = LNQ(x + attn(h))``; ``h = Q(norm2(x))``; ``x = LNQ(x + mlp(h))`` on codes."""
 
     def __init__(
-        self, dim: int, heads: int, hidden: int, qkv_bias: bool, eps: float, bits: _Bits
+        self,
+        dim: int,
+        heads: int,
+        hidden: int,
+        qkv_bias: bool,
+        eps: float,
+        bits: _Bits,
+        tokens: int,
     ) -> None:
         super().__init__()
         self.norm1 = IntegerLayerNorm(dim, eps, bits.ptf)
         self.norm1_point = IntPoint(bits.act)
-        self.attn = IntegerAttention(dim, heads, qkv_bias, bits.act, bits.softmax, bits.lis)
+        self.attn = IntegerAttention(
+            dim, heads, qkv_bias, bits.act, bits.softmax, bits.lis, tokens=tokens
+        )
         self.res1_point = bits.ln_point(dim)
         self.norm2 = IntegerLayerNorm(dim, eps, bits.ptf)
         self.norm2_point = IntPoint(bits.act)
@@ -126,7 +135,10 @@ class IntegerViT(_IntegerModel):
         self.pos_point = IntPoint(bits.act)
         self.embed_point = bits.ln_point(dim)
         self.blocks = nn.ModuleList(
-            IntegerViTBlock(dim, arch["num_heads"], arch["mlp_hidden"], arch["qkv_bias"], arch["eps"], bits)
+            IntegerViTBlock(
+                dim, arch["num_heads"], arch["mlp_hidden"], arch["qkv_bias"], arch["eps"], bits,
+                tokens + 1,
+            )
             for _ in range(arch["depth"])
         )  # fmt: skip
         self.norm = IntegerLayerNorm(dim, arch["eps"], bits.ptf)
@@ -195,7 +207,8 @@ class IntegerSwinBlock(nn.Module):
         mask = shifted_window_mask(padded, self.window_size, self.shift_size)
         self.register_buffer("attn_mask", mask, persistent=False)
 
-    def _window_attention(self, h: Tensor) -> Tensor:
+    def windows(self, h: Tensor) -> Tensor:
+        """Codes ``[B, H*W, C]`` → shifted, zero-padded windows ``[B * windows, N, C]`` (timm's order)."""
         batch, _, dim = h.shape
         height, width = self.resolution
         x = h.view(batch, height, width, dim)
@@ -203,8 +216,13 @@ class IntegerSwinBlock(nn.Module):
             x = torch.roll(x, shifts=(-self.shift_size[0], -self.shift_size[1]), dims=(1, 2))
         pad_h, pad_w = -height % self.window_size[0], -width % self.window_size[1]
         x = kernels.pad_codes(x, (0, 0, 0, pad_w, 0, pad_h), self.norm1_point.py_zero_point)
-        windows = window_partition(x, self.window_size).reshape(-1, self.attn.window_area, dim)
-        windows = self.attn(windows, self.norm1_point, self.attn_mask)
+        return window_partition(x, self.window_size).reshape(-1, self.attn.window_area, dim)
+
+    def unwindows(self, windows: Tensor, batch: int) -> Tensor:
+        """The inverse of :meth:`windows`: ``[B * windows, N, C]`` → ``[B, H*W, C]``."""
+        height, width = self.resolution
+        dim = windows.shape[-1]
+        pad_h, pad_w = -height % self.window_size[0], -width % self.window_size[1]
         x = window_reverse(
             windows.view(-1, *self.window_size, dim),
             self.window_size,
@@ -215,6 +233,10 @@ class IntegerSwinBlock(nn.Module):
         if any(self.shift_size):
             x = torch.roll(x, shifts=self.shift_size, dims=(1, 2))
         return x.reshape(batch, height * width, dim)
+
+    def _window_attention(self, h: Tensor) -> Tensor:
+        windows = self.attn(self.windows(h), self.norm1_point, self.attn_mask)
+        return self.unwindows(windows, h.shape[0])
 
     def forward(self, x: Tensor, in_point: IntPoint) -> Tensor:
         h = self.norm1(x, in_point, self.norm1_point)
