@@ -44,14 +44,14 @@ def quantize(x: Tensor, scale: Tensor, zero_point: Tensor, bit_type: BitType) ->
     dequantizes, so the codes are the simulation's for the same ``x``. ``scale``/``zero_point``
     broadcast on ``x`` (per tensor, or per channel on the last dim).
     """
-    return (torch.clamp(torch.round(x / scale + zero_point), bit_type.lower, bit_type.upper)).to(
-        torch.uint8
-    )
+    # in place on the fresh quotient: the same operations in the same order
+    q = (x / scale).add_(zero_point).round_().clamp_(bit_type.lower, bit_type.upper)
+    return q.to(torch.uint8)
 
 
 def dequantize(codes: Tensor, scale: Tensor, zero_point: Tensor) -> Tensor:
     """``(codes - zp) * scale`` in float32: bit for bit the simulation's fake-quantized value."""
-    return (codes.to(torch.float32) - zero_point) * scale
+    return codes.to(torch.float32).sub_(zero_point).mul_(scale)
 
 
 def requantize(acc: Tensor, multiplier: Tensor, offset: Tensor, bit_type: BitType) -> Tensor:
@@ -59,9 +59,8 @@ def requantize(acc: Tensor, multiplier: Tensor, offset: Tensor, bit_type: BitTyp
 
     ``multiplier`` is ``s_acc / s_out`` and ``offset`` is ``bias / s_out + zp_out`` (float32).
     """
-    return torch.clamp(torch.round(acc * multiplier + offset), bit_type.lower, bit_type.upper).to(
-        torch.uint8
-    )
+    q = (acc * multiplier).add_(offset).round_().clamp_(bit_type.lower, bit_type.upper)
+    return q.to(torch.uint8)
 
 
 def onednn_available() -> bool:
