@@ -3,8 +3,9 @@
     python benchmarks/integer_speed.py                       # deit_tiny deit_small swin_tiny
     python benchmarks/integer_speed.py --models deit_tiny --reps 5 --no-compile
 
-Batch 8 of 224x224 random images, random weights (speed does not depend on their values), one
-calibration batch. Rows, each paired with timm's float model (eager) in the same process:
+Batch 8 of 224x224 random images, random unit-gain weights (speed barely depends on their values;
+unit gain gives attention scores of a trained model's range, which selects the float64 path of
+the integer Log-Int-Softmax as real models do), one calibration batch. Rows, each paired with timm's float model (eager) in the same process:
 
 - ``integer eager``: the integer model as is (oneDNN's int8 GEMM where available);
 - ``integer compiled``: ``torch.compile`` of it with the ``torch._int_mm`` GEMMs (inductor fuses
@@ -123,7 +124,12 @@ def main() -> None:
     print("|---|---|---:|---:|---:|---:|")
     for name in args.models:
         torch.manual_seed(0)
-        reference = timm.create_model(TIMM[name], pretrained=False).eval().to(device)
+        reference = timm.create_model(TIMM[name], pretrained=False).eval()
+        with torch.no_grad():  # unit-gain Linears: attention scores of trained-model magnitude
+            for module in reference.modules():
+                if isinstance(module, torch.nn.Linear):
+                    module.weight.normal_(0.0, module.in_features**-0.5)
+        reference = reference.to(device)
         model = create_model(name)
         model.load_state_dict(reference.state_dict(), strict=False)
         model = model.to(device)

@@ -31,6 +31,8 @@ def _eval_metrics(num_classes: int) -> nn.ModuleDict:
             "top5": MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro"),
             "fp_top1": MulticlassAccuracy(num_classes, top_k=1, average="micro"),
             "fp_agreement": MulticlassAccuracy(num_classes, top_k=1, average="micro"),
+            # execution="integer": top-1 agreement of the integer model with the simulation
+            "sim_agreement": MulticlassAccuracy(num_classes, top_k=1, average="micro"),
             # Weighted by batch size and summed over ranks: exact however the images are split.
             "loss": MeanMetric(),
         }
@@ -113,7 +115,7 @@ class QuantViTModule(pl.LightningModule):
         self._quantized: list[QuantModule] = []
         # Not a submodule: derived from the calibrated network, never in checkpoints.
         self._integer_net: Optional[nn.Module] = None
-        self._float_pass = False
+        self._float_pass = False  # forward runs self.net even when an integer model exists
 
     @property
     def quant_config(self) -> QuantConfig:
@@ -236,6 +238,14 @@ class QuantViTModule(pl.LightningModule):
         self.log(f"{stage}/loss", metrics["loss"], batch_size=size)
         self.log(f"{stage}/top1", metrics["top1"], prog_bar=True, batch_size=size)
         self.log(f"{stage}/top5", metrics["top5"], batch_size=size)
+        if self._integer_net is not None and self._quantized:
+            self._float_pass = True  # the simulated network, quantization on
+            try:
+                sim_logits = self(x)
+            finally:
+                self._float_pass = False
+            metrics["sim_agreement"](logits.argmax(dim=-1), sim_logits.argmax(dim=-1))
+            self.log(f"{stage}/sim_agreement", metrics["sim_agreement"], batch_size=size)
         if self.fp_agreement and self._quantized:
             with self.float_mode(self._quantized):
                 fp_logits = self(x)

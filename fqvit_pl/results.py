@@ -38,6 +38,7 @@ class ResultRow:
     stage: str = "validate"
     timestamp: str = ""
     execution: str = "simulated"
+    sim_agreement: Optional[float] = None
 
 
 #: Column order of the results CSV.
@@ -68,6 +69,8 @@ def format_summary(row: ResultRow) -> str:
         parts.append(f"fp_top1={_num(row.fp_top1, 2)}")
     if row.fp_agreement is not None:
         parts.append(f"fp_agreement={_num(row.fp_agreement, 2)}")
+    if row.sim_agreement is not None:
+        parts.append(f"sim_agreement={_num(row.sim_agreement, 2)}")
     parts.append("calib=n/a" if row.calib_seconds is None else f"calib={row.calib_seconds:.1f}s")
     parts.append(f"{_num(row.images_per_s, 1)} img/s")
     return " ".join(parts)

@@ -15,4 +15,8 @@ python main.py fit --config configs/demo.yaml "$@"
 # The checkpoint carries the calibration of its weights: validate reuses it (add
 # --calibration.recalibrate true to calibrate again).
 python main.py validate --config configs/demo.yaml --ckpt_path runs/demo/checkpoints/last.ckpt "$@"
+# The same calibrated network run on integers (fqvit_pl.quant.to_integer): its top-1 next to the
+# simulated one above, and sim_agreement, its top-1 agreement with the simulation.
+python main.py validate --config configs/demo.yaml --ckpt_path runs/demo/checkpoints/last.ckpt \
+    --model.execution integer "$@"
 echo "Demo finished in $((SECONDS - start)) s; results appended to runs/demo/results.csv"

@@ -225,19 +225,25 @@ def log_int_softmax_codes(
     ``2**-53`` relative of a half-integer is one: ``|S/e - (k + 1/2)| >= 1/(2e)`` otherwise).
     Otherwise ``S`` and ``y`` are computed in int64 with integer division.
     """
-    c = score_codes.to(torch.int16)
-    if mask is not None:
-        c = c.masked_fill(mask, -512)
-    row_max = c.amax(dim=-1, keepdim=True)
+    shape = score_codes.shape
+    c = score_codes.to(torch.int32)
     if exp_table.numel() == MASKED_2D + 1:  # the simulation's table, indexed by (row max, code)
-        index = torch.where(c < 0, MASKED_2D, row_max.to(torch.int32) * 256 + c).to(torch.int64)
+        if mask is not None:
+            c = c.masked_fill(mask, -512)  # never a row maximum (checked by the converter)
+        index = c + c.amax(dim=-1, keepdim=True) * 256
+        if mask is not None:
+            index = index.masked_fill_(mask.expand(shape), MASKED_2D)
     else:
-        index = (row_max - c).clamp_(max=MASKED).to(torch.int64)
+        if mask is not None:
+            c = c.masked_fill(mask, -512)
+        index = (c.amax(dim=-1, keepdim=True) - c).clamp_(max=MASKED)
+    # index_select on the flat tensor: several times faster than advanced indexing on CPU
+    flat = index.reshape(-1)
     if exact_float64:
-        e = exp_table[index]
-        y = torch.div(e.sum(dim=-1, keepdim=True), e).round_()
-        return out_table[_log_round(y)]
-    e = exp_table.to(torch.int64)[index]
+        e = torch.index_select(exp_table, 0, flat).view(shape)
+        y = torch.div(e.sum(dim=-1, keepdim=True), e, out=e).round_()
+        return torch.index_select(out_table, 0, _log_round(y).view(-1)).view(shape)
+    e = torch.index_select(exp_table.to(torch.int64), 0, flat).view(shape)
     total = e.sum(dim=-1, keepdim=True)
     safe = e.clamp(min=1)
     y = torch.div(total, safe, rounding_mode="floor")
@@ -246,7 +252,7 @@ def log_int_softmax_codes(
     # Only y < 2**16 can give an exponent below 2**bits (bits <= 15): clamping to 2**40 keeps
     # every such key and sends the rest (and e == 0, y infinite) to probability 0.
     y = torch.where(e == 0, 2**40, y.clamp(max=2**40)).to(torch.float64)
-    return out_table[_log_round(y)]
+    return torch.index_select(out_table, 0, _log_round(y).view(-1)).view(shape)
 
 
 def int_layernorm_codes(
