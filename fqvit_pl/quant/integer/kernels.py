@@ -167,9 +167,10 @@ def lis_exp_table_2d(score_scale: Tensor, zero_point: Tensor) -> Tensor:
         torch.arange(256, dtype=torch.float32) - zero_point.reshape(()).to(torch.float32)
     ) * scale
     shifted = value[None, :] / scale - value[:, None] / scale  # [c_max, c]
-    e = int_exp(shifted.reshape(-1).contiguous(), scale)
+    e = int_exp(shifted.reshape(-1).contiguous(), scale).reshape(256, 256)
+    e = torch.tril(e)  # a code above its row's maximum never occurs: 0 (keeps max(e) meaningful)
     saturated = int_exp(torch.tensor([-1e9]), scale)
-    return torch.cat([e, saturated]).to(torch.float64)
+    return torch.cat([e.reshape(-1), saturated]).to(torch.float64)
 
 
 #: Index of the saturated exponential in :func:`lis_exp_table_2d`.
