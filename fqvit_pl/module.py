@@ -17,7 +17,7 @@ from typing_extensions import override
 
 from fqvit_pl.checks import check_num_classes
 from fqvit_pl.models import create_model, resolve_data_config
-from fqvit_pl.quant import QuantConfig, QuantModule, check_finite_output, quant_modules
+from fqvit_pl.quant import QuantConfig, QuantModule, check_finite_output, quant_modules, to_integer
 
 __all__ = ["QuantViTModule"]
 
@@ -32,6 +32,8 @@ def _eval_metrics(num_classes: int) -> nn.ModuleDict:
             "top5": MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro"),
             "fp_top1": MulticlassAccuracy(num_classes, top_k=1, average="micro"),
             "fp_agreement": MulticlassAccuracy(num_classes, top_k=1, average="micro"),
+            # execution="integer": top-1 agreement of the integer model with the simulation
+            "sim_agreement": MulticlassAccuracy(num_classes, top_k=1, average="micro"),
             # Weighted by batch size and summed over ranks: exact however the images are split.
             "loss": MeanMetric(),
         }
@@ -67,6 +69,8 @@ class QuantViTModule(pl.LightningModule):
         fp_agreement: also measure the float model in the same evaluation pass.
         ln_eps: epsilon of the integer LayerNorm; 0 as published (NaN on a constant token, which
             a quantized evaluation reports as an error naming the layer).
+        execution: ``"simulated"`` (fake quantization) or ``"integer"``: after calibration the
+            evaluation runs :func:`fqvit_pl.quant.to_integer`'s integer model of the network.
         optimizer: optimizer factory, called with the parameters (LightningCLI: ``class_path``/``init_args``).
         lr_scheduler: optional scheduler factory, called with the optimizer; stepped every epoch.
     """
@@ -85,10 +89,15 @@ class QuantViTModule(pl.LightningModule):
         label_smoothing: float = 0.0,
         fp_agreement: bool = False,
         ln_eps: float = 0.0,
+        execution: str = "simulated",
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: Optional[LRSchedulerCallable] = None,
     ) -> None:
         super().__init__()
+        if execution not in ("simulated", "integer"):
+            raise ValueError(
+                f"QuantViTModule: execution must be 'simulated' or 'integer', got {execution!r}"
+            )
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.net = create_model(
             model_name,
@@ -109,6 +118,9 @@ class QuantViTModule(pl.LightningModule):
         self.metrics = nn.ModuleDict({stage: _eval_metrics(num_classes) for stage in _EVAL_STAGES})
         self.train_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self._quantized: list[QuantModule] = []
+        # Not a submodule: derived from the calibrated network, never in checkpoints.
+        self._integer_net: Optional[nn.Module] = None
+        self._float_pass = False  # forward runs self.net even when an integer model exists
 
     @property
     def quant_config(self) -> QuantConfig:
@@ -123,10 +135,24 @@ class QuantViTModule(pl.LightningModule):
             "ptf": self.quant_config.ptf,
             "lis": self.quant_config.lis,
             "bits": self.quant_config.bits_label,
+            "execution": self.hparams.get("execution", "simulated"),
         }
+
+    def on_quantization_ready(self) -> None:
+        """Called by :class:`~fqvit_pl.callbacks.QuantCalibration` once the network is calibrated and
+        quantizing: with ``execution="integer"``, build the integer model that evaluation runs."""
+        if self.hparams.get("execution", "simulated") == "integer":
+            self._integer_net = to_integer(self.net)
+
+    @property
+    def integer_net(self) -> Optional[nn.Module]:
+        """The integer model evaluated with ``execution="integer"`` (``None`` before calibration)."""
+        return self._integer_net
 
     @override
     def forward(self, x: Tensor) -> Tensor:
+        if self._integer_net is not None and not self._float_pass and not self.training:
+            return self._integer_net(x)
         return self.net(x)
 
     def _quantizing_modules(self) -> list[QuantModule]:
@@ -138,9 +164,11 @@ class QuantViTModule(pl.LightningModule):
         active = modules if modules is not None else self._quantizing_modules()
         for module in active:
             module.set_quantization(False)
+        self._float_pass = True
         try:
             yield
         finally:
+            self._float_pass = False
             for module in active:
                 module.set_quantization(True)
 
@@ -187,6 +215,9 @@ class QuantViTModule(pl.LightningModule):
     @override
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         x, y = batch[0], batch[1]
+        self._integer_net = (
+            None  # the weights change: a fresh conversion follows the next calibration
+        )
         logits = self(x)
         loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
         self.train_top1(logits, y)
@@ -224,6 +255,14 @@ class QuantViTModule(pl.LightningModule):
         self.log(f"{stage}/loss", metrics["loss"], batch_size=size)
         self.log(f"{stage}/top1", metrics["top1"], prog_bar=True, batch_size=size)
         self.log(f"{stage}/top5", metrics["top5"], batch_size=size)
+        if self._integer_net is not None and self._quantized:
+            self._float_pass = True  # the simulated network, quantization on
+            try:
+                sim_logits = self(x)
+            finally:
+                self._float_pass = False
+            metrics["sim_agreement"](logits.argmax(dim=-1), sim_logits.argmax(dim=-1))
+            self.log(f"{stage}/sim_agreement", metrics["sim_agreement"], batch_size=size)
         if self.fp_agreement and self._quantized:
             with self.float_mode(self._quantized):
                 fp_logits = self(x)

@@ -42,6 +42,8 @@ class ResultRow:
     loss: Optional[float] = None
     stage: str = "validate"
     timestamp: str = ""
+    execution: str = "simulated"
+    sim_agreement: Optional[float] = None
 
 
 #: Column order of the results CSV.
@@ -64,6 +66,7 @@ def format_summary(row: ResultRow) -> str:
         f"ptf={row.ptf}",
         f"lis={row.lis}",
         f"W/A/Attn={row.bits}",
+        *([f"execution={row.execution}"] if row.execution != "simulated" else []),
         f"top1={_num(row.top1, 2)}",
         f"top5={_num(row.top5, 2)}",
     ]
@@ -71,6 +74,8 @@ def format_summary(row: ResultRow) -> str:
         parts.append(f"fp_top1={_num(row.fp_top1, 2)}")
     if row.fp_agreement is not None:
         parts.append(f"fp_agreement={_num(row.fp_agreement, 2)}")
+    if row.sim_agreement is not None:
+        parts.append(f"sim_agreement={_num(row.sim_agreement, 2)}")
     parts.append("calib=n/a" if row.calib_seconds is None else f"calib={row.calib_seconds:.1f}s")
     parts.append(f"{_num(row.images_per_s, 1)} img/s")
     return " ".join(parts)

@@ -17,5 +17,9 @@ python main.py fit --config configs/demo.yaml "$@"
 # --calibration.recalibrate true to calibrate again).
 python main.py validate --config configs/demo.yaml --ckpt_path runs/demo/checkpoints/last.ckpt \
     --report.dir runs/demo/report "$@"
+# The same calibrated network run on integers (fqvit_pl.quant.to_integer): its top-1 next to the
+# simulated one above, and sim_agreement, its top-1 agreement with the simulation.
+python main.py validate --config configs/demo.yaml --ckpt_path runs/demo/checkpoints/last.ckpt \
+    --model.execution integer "$@"
 echo "Demo finished in $((SECONDS - start)) s; results appended to runs/demo/results.csv;"
 echo "quantization report: runs/demo/report/report.md"

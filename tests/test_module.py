@@ -81,6 +81,22 @@ def test_quantized_metrics_match_an_independent_computation(stage):
         assert results[f"{prefix}/{name}"] == pytest.approx(expected[name], abs=1e-6), name
 
 
+def test_integer_execution_validates_the_integer_model():
+    module, data = _module(fp_agreement=True, execution="integer"), RandomImages()
+    results = _trainer(callbacks=[QuantCalibration()]).validate(module, datamodule=data)[0]
+    assert module.integer_net is not None and module.describe()["execution"] == "integer"
+    expected = _expected(module, data)  # module(x) in eval mode is the integer model's output
+    with torch.no_grad():
+        assert torch.equal(module(data.x), module.integer_net(data.x))
+    for name in ("top1", "top5", "loss", "fp_top1", "fp_agreement"):
+        assert results[f"val/{name}"] == pytest.approx(expected[name], abs=1e-6), name
+
+
+def test_unknown_execution_is_a_named_error():
+    with pytest.raises(ValueError, match="execution"):
+        _module(execution="fast")
+
+
 def test_without_calibration_the_network_runs_float_and_fp_metrics_are_skipped():
     module, data = _module(fp_agreement=True), RandomImages()
     with pytest.warns(UserWarning, match="fp_agreement is on but the network is not quantized"):
@@ -125,6 +141,7 @@ def test_describe(kwargs, bits):
         "ptf": True,
         "lis": kwargs.get("lis", True),
         "bits": bits,
+        "execution": "simulated",
     }
 
 

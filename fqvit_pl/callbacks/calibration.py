@@ -182,6 +182,9 @@ class QuantCalibration(pl.Callback):
                 "checkpoint): evaluating with its stored quantization parameters; set recalibrate=True "
                 "to calibrate again."
             )
+        ready = getattr(pl_module, "on_quantization_ready", None)
+        if callable(ready):
+            ready()  # e.g. QuantViTModule converts to its integer model (execution="integer")
 
     def _save(self, trainer: pl.Trainer) -> None:
         path = os.fspath(self.save_path)

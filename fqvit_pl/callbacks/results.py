@@ -123,6 +123,8 @@ class ResultsWriter(pl.Callback):
             loss=None if loss is None else float(loss),
             stage=str(trainer.state.fn.value),
             timestamp=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            execution=str(info.get("execution", "simulated")),
+            sim_agreement=percent("sim_agreement"),
         )
         self.last_row = row
         rank_zero_info(format_summary(row))

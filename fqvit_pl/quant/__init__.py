@@ -26,6 +26,7 @@ from .checks import (
     guard_calibration_config,
 )
 from .config import METHODS, ROLES, CalibrationConfigError, PointConfig, QuantConfig
+from .integer import IntegerConversionError, build_integer_model, to_integer
 from .kernels import fast_kernels, fast_kernels_enabled, set_fast_kernels
 from .modules import QuantAct, QuantConv2d, QuantLayerNorm, QuantLinear, QuantModule, QuantSoftmax
 from .observers import (
@@ -89,4 +90,7 @@ __all__ = [
     "set_fast_kernels",
     "fast_kernels",
     "fast_kernels_enabled",
+    "to_integer",
+    "build_integer_model",
+    "IntegerConversionError",
 ]
