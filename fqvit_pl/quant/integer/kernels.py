@@ -8,6 +8,8 @@ exactly: every value it holds is an integer (or a multiple of a power of two) be
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -63,6 +65,7 @@ def requantize(acc: Tensor, multiplier: Tensor, offset: Tensor, bit_type: BitTyp
     return q.to(torch.uint8)
 
 
+@functools.cache
 def onednn_available() -> bool:
     """Whether oneDNN's quantized linear (``torch.ops.onednn.qlinear_pointwise``) runs on this CPU."""
     if not hasattr(torch.ops, "onednn") or not hasattr(torch.ops.onednn, "qlinear_pointwise"):
