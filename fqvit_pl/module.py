@@ -98,7 +98,10 @@ class QuantViTModule(pl.LightningModule):
             raise ValueError(
                 f"QuantViTModule: execution must be 'simulated' or 'integer', got {execution!r}"
             )
-        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        # execution is how this run evaluates, not a property of the weights: kept out of the
+        # checkpoint's hparams, so that `validate --ckpt_path ... --model.execution integer` applies
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "execution"])
+        self.execution = execution
         self.net = create_model(
             model_name,
             method=method,
@@ -135,13 +138,13 @@ class QuantViTModule(pl.LightningModule):
             "ptf": self.quant_config.ptf,
             "lis": self.quant_config.lis,
             "bits": self.quant_config.bits_label,
-            "execution": self.hparams.get("execution", "simulated"),
+            "execution": self.execution,
         }
 
     def on_quantization_ready(self) -> None:
         """Called by :class:`~fqvit_pl.callbacks.QuantCalibration` once the network is calibrated and
         quantizing: with ``execution="integer"``, build the integer model that evaluation runs."""
-        if self.hparams.get("execution", "simulated") == "integer":
+        if self.execution == "integer":
             self._integer_net = to_integer(self.net)
 
     @property

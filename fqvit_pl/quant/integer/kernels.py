@@ -8,6 +8,8 @@ exactly: every value it holds is an integer (or a multiple of a power of two) be
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -63,6 +65,7 @@ def requantize(acc: Tensor, multiplier: Tensor, offset: Tensor, bit_type: BitTyp
     return q.to(torch.uint8)
 
 
+@functools.cache
 def onednn_available() -> bool:
     """Whether oneDNN's quantized linear (``torch.ops.onednn.qlinear_pointwise``) runs on this CPU."""
     if not hasattr(torch.ops, "onednn") or not hasattr(torch.ops.onednn, "qlinear_pointwise"):
@@ -286,24 +289,28 @@ def int_layernorm_codes(
     if in_scale.numel() not in (1, channels):
         in_scale = in_scale.repeat(channels // in_scale.numel())
     s_min = in_scale.min()
-    k = torch.round(in_scale / s_min).to(torch.float64)
-    x_q = (codes.to(torch.float64) - in_zero_point.reshape(-1)[0].to(torch.float64)) * k
-    total = x_q.sum(dim=-1, keepdim=True)
-    squares = (x_q * x_q).sum(dim=-1, keepdim=True)
+    k = torch.round(in_scale / s_min)
+    # x_q and x_q**2 are integers below 2**12 and 2**22: exact in float32; the sums in float64
+    x_q = codes.to(torch.float32).sub_(in_zero_point.reshape(-1)[0]).mul_(k)
+    total = x_q.sum(dim=-1, keepdim=True, dtype=torch.float64)
+    squares = (x_q * x_q).sum(dim=-1, keepdim=True, dtype=torch.float64)
     total_f, squares_f = total.to(torch.float32), squares.to(torch.float32)
     mean = (total_f / channels) * s_min
     std = (s_min / channels) * torch.sqrt(channels * squares_f - total_f**2)
-    a = (s_min / std) * weight / out_scale
+    # the contract's float32 steps 3-4 (in place on fresh tensors: same operations, same order);
+    # 2**n by exp2: the exact power of two for integer n, as pow(2.0, n)
+    a = (s_min / std) * weight
+    a.div_(out_scale)
     sign = torch.sign(a)
-    a = a.abs()
-    p = torch.pow(2.0, torch.clamp(bits - torch.floor(torch.log2(a)), 0, 31))
-    m = torch.clamp(torch.floor(a * p), 0, 2 ** (bits + 1) - 1)
-    b = torch.round((bias - (mean / std) * weight) / out_scale * p)
-    y_q = torch.round(
-        ((sign * m).to(torch.float64) * x_q + b.to(torch.float64)) / p.to(torch.float64)
-    )
-    out = y_q + out_zero_point.reshape(-1)[0].to(torch.float64)
-    return out.clamp_(out_bit_type.lower, out_bit_type.upper).to(torch.uint8)
+    a.abs_()
+    p = torch.log2(a).floor_().neg_().add_(bits).clamp_(0, 31).exp2_()
+    m = a.mul_(p).floor_().clamp_(0, 2 ** (bits + 1) - 1)
+    b = (mean / std) * weight
+    b = torch.sub(bias, b, out=b).div_(out_scale).mul_(p).round_()
+    # step 5 exactly: |sign * M * x_q + B| < 2**53, division by a power of two, half-even round
+    v = sign.mul_(m).to(torch.float64).mul_(x_q).add_(b).div_(p).round_()
+    v.add_(out_zero_point.reshape(-1)[0]).clamp_(out_bit_type.lower, out_bit_type.upper)
+    return v.to(torch.uint8)
 
 
 def linear_codes(x: Tensor) -> Tensor:
