@@ -1,11 +1,19 @@
 """Lightning callbacks: :class:`QuantCalibration` (reusable with any LightningModule whose network
-contains ``fqvit_pl.quant`` layers) and :class:`ResultsWriter` (summary line and results CSV)."""
+contains ``fqvit_pl.quant`` layers), :class:`ResultsWriter` (summary line and results CSV) and
+:class:`ExportArtifacts` (int8 safetensors / ONNX files of the calibrated model)."""
 
 from fqvit_pl.callbacks.calibration import (
     DEFAULT_NUM_BATCHES,
     QuantCalibration,
     default_batch_to_input,
 )
+from fqvit_pl.callbacks.export import ExportArtifacts
 from fqvit_pl.callbacks.results import ResultsWriter
 
-__all__ = ["QuantCalibration", "ResultsWriter", "DEFAULT_NUM_BATCHES", "default_batch_to_input"]
+__all__ = [
+    "QuantCalibration",
+    "ResultsWriter",
+    "ExportArtifacts",
+    "DEFAULT_NUM_BATCHES",
+    "default_batch_to_input",
+]
