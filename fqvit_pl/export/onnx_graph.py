@@ -22,6 +22,7 @@ Only standard ONNX operators (opset 17): no custom op is needed to run the graph
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -327,12 +328,29 @@ class _Exporter:
             e = g.op("Gather", [g.const(table, "exp_table"), index])
         if exact32:
             e = g.cast(e, T.DOUBLE)
-        total = g.op("ReduceSum", [e, g.const(np.array([-1], np.int64))], keepdims=1)
-        y = g.op("Round", [g.op("Div", [total, e])])  # exact: see kernels.log_int_softmax_codes
-        limit = 3 * 2 ** (
-            2**attn.softmax_bits - 2
-        )  # y >= limit: exponent >= 2**bits, probability 0
-        y = g.cast(g.op("Min", [y, g.const(np.array(limit, np.float64))]), T.INT64)
+        # y >= limit: exponent >= 2**bits, probability 0
+        limit = 3 * 2 ** (2**attn.softmax_bits - 2)
+        axes = g.const(np.array([-1], np.int64))
+        # float64 holds S and rounds S / e exactly when exact_float64 (kernels.log_int_softmax_codes)
+        if attn.exact_float64:
+            total = g.op("ReduceSum", [e, axes], keepdims=1)
+            y = g.op("Round", [g.op("Div", [total, e])])
+            y = g.cast(g.op("Min", [y, g.const(np.array(limit, np.float64))]), T.INT64)
+        else:  # S may pass 2**53: int64 sums, integer division, round half to even by the remainder
+            e = g.cast(e, T.INT64)
+            total = g.op("ReduceSum", [e, axes], keepdims=1)
+            zero = g.const(np.array(0, np.int64))
+            safe = g.op("Max", [e, g.const(np.array(1, np.int64))])
+            quotient = g.op("Div", [total, safe])  # positive operands: the floor
+            twice_rem = g.op("Mul", [g.op("Sub", [total, g.op("Mul", [quotient, safe])]),
+                                     g.const(np.array(2, np.int64))])  # fmt: skip
+            odd = g.op("Equal", [g.op("Mod", [quotient, g.const(np.array(2, np.int64))]),
+                                 g.const(np.array(1, np.int64))])  # fmt: skip
+            up = g.op("Or", [g.op("Greater", [twice_rem, safe]),
+                             g.op("And", [g.op("Equal", [twice_rem, safe]), odd])])  # fmt: skip
+            y = g.op("Add", [quotient, g.cast(up, T.INT64)])
+            y = g.op("Where", [g.op("Equal", [e, zero]), g.const(np.array(limit, np.int64)), y])
+            y = g.op("Min", [y, g.const(np.array(limit, np.int64))])
         ys = torch.arange(limit + 1, dtype=torch.float64).clamp(min=1)
         from ..quant.integer import kernels
 
@@ -554,7 +572,11 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str] | None = None) ->
     from .. import __version__
 
     source = _unwrap(model)
-    integer = as_integer_model(source).cpu().eval()
+    integer = as_integer_model(source)
+    if any(
+        t.device.type != "cpu" for t in integer.buffers()
+    ):  # leave the caller's model where it is
+        integer = copy.deepcopy(integer).cpu()
     proto = _Exporter(integer).build()
     proto.producer_version = __version__
     for key, value in (
