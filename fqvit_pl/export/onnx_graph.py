@@ -137,8 +137,8 @@ class _Exporter:
         """Float → the point's uint8 codes: ``clamp(round(x / s + zp))`` as §4.
 
         ``QuantizeLinear`` computes ``round(x / s) + zp``, which differs from the simulation's
-        ``round(x / s + zp)`` where the float32 addition rounds across a half; so the division,
-        addition and rounding are explicit, and ``QuantizeLinear`` (scale 1) only saturates and shifts.
+        ``round(x / s + zp)`` where the float32 addition rounds across a half; so the division and
+        addition are explicit, and ``QuantizeLinear`` (scale 1, zero point 0) rounds and saturates.
         """
         g = self.g
         bt = point.bit_type
@@ -148,7 +148,7 @@ class _Exporter:
             )
         scale = g.const(point.scale.detach().to(torch.float32), "scale")
         zp = g.const(point.zero_point.detach().to(torch.float32), "zp")
-        y = g.op("Round", [g.op("Add", [g.op("Div", [x, scale]), zp])])
+        y = g.op("Add", [g.op("Div", [x, scale]), zp])  # QuantizeLinear rounds half to even
         if bt.bits < 8:  # a narrower unsigned grid: clamp to its codes
             y = g.op(
                 "Clip",

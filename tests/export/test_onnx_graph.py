@@ -51,6 +51,7 @@ CASES = {
     "vit_base": ("vit_base", {}),  # no input point: the patch conv in float
     "deit_tiny-ptf_off": ("deit_tiny", {"ptf": False}),
     "deit_tiny-lis_off": ("deit_tiny", {"lis": False}),
+    "deit_tiny-uint6": ("deit_tiny", {"activation": {"bit_type": "uint6"}}),
 }
 
 
