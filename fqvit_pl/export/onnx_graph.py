@@ -38,6 +38,8 @@ __all__ = ["export_onnx", "OnnxExportError", "OPSET"]
 
 #: The ONNX opset of the exported graphs (LayerNormalization needs 17).
 OPSET = 17
+#: Log-Int-Softmax row sums below this bound are exact in float64 (else the graph divides in int64).
+FLOAT64_EXACT = 2.0**52
 
 
 class OnnxExportError(ValueError):
@@ -296,7 +298,9 @@ class _Exporter:
         hidden = self.quantize(self.gelu(self.linear(codes, in_point, mlp.fc1)), mlp.act_point)
         return self.codes_out(hidden, mlp.act_point, mlp.fc2, mlp.fc2_point)
 
-    def log_int_softmax(self, scores: str, attn: nn.Module, mask: Tensor | None) -> str:
+    def log_int_softmax(
+        self, scores: str, attn: nn.Module, mask: Tensor | None, tokens: int
+    ) -> str:
         """§8 on the uint8 score codes ``[..., N]`` → float32 probabilities ``2**-r`` (0 below the grid)."""
         g, T = self.g, self.T
         c = g.cast(scores, T.INT32)
@@ -331,8 +335,9 @@ class _Exporter:
         # y >= limit: exponent >= 2**bits, probability 0
         limit = 3 * 2 ** (2**attn.softmax_bits - 2)
         axes = g.const(np.array([-1], np.int64))
-        # float64 holds S and rounds S / e exactly when exact_float64 (kernels.log_int_softmax_codes)
-        if attn.exact_float64:
+        # float64 holds S <= tokens * max(e) and rounds S / e exactly below 2**52 (the proof in
+        # kernels.log_int_softmax_codes, here with the graph's row length: both paths are exact).
+        if float(attn.lis_exp_table.max()) * tokens < FLOAT64_EXACT:
             total = g.op("ReduceSum", [e, axes], keepdims=1)
             y = g.op("Round", [g.op("Div", [total, e])])
             y = g.cast(g.op("Min", [y, g.const(np.array(limit, np.float64))]), T.INT64)
@@ -387,7 +392,7 @@ class _Exporter:
         if attn.lis:
             lis_mask = None if mask is None else (mask != 0)[None, :, None].numpy()
             probs = g.reshape(
-                self.log_int_softmax(scores, attn, lis_mask), [-1, heads, tokens, tokens]
+                self.log_int_softmax(scores, attn, lis_mask, tokens), [-1, heads, tokens, tokens]
             )
             v_int = g.op(
                 "Sub",
