@@ -105,7 +105,7 @@ def bench_model(name: str, args: argparse.Namespace, workdir: str) -> dict[str, 
     int8_weights = os.path.join(workdir, f"{name}_int8.safetensors")
     save_quantized(model, int8_weights)
     int8_onnx = os.path.join(workdir, f"{name}_int8.onnx")
-    export_onnx(model, int8_onnx)
+    export_onnx(model, int8_onnx, exact=args.form == "exact", gemm=args.gemm)
     float_onnx = os.path.join(workdir, f"{name}_float.onnx")
     images = torch.randn(args.batch, 3, size, size, generator=generator)
     with torch.no_grad():
@@ -127,6 +127,7 @@ def bench_model(name: str, args: argparse.Namespace, workdir: str) -> dict[str, 
         t_int8.append(_time(int8, x))
     row = {
         "model": name,
+        "form": f"{args.form}/{args.gemm}",
         "batch": args.batch,
         "threads": args.threads,
         "float_ms": 1000 * statistics.median(t_fp32),
@@ -148,13 +149,13 @@ def bench_model(name: str, args: argparse.Namespace, workdir: str) -> dict[str, 
 def print_rows(rows: list[dict[str, Any]]) -> None:
     """The table of speeds and sizes, then the kernels and (with --profile) time per op type."""
     print(
-        f"{'model':10s} {'batch':>5s} {'thr':>3s} {'float ms':>9s} {'int8 ms':>8s} "
+        f"{'model':10s} {'form':10s} {'batch':>5s} {'thr':>3s} {'float ms':>9s} {'int8 ms':>8s} "
         f"{'int8/float speedup':>18s} {'float st MB':>11s} {'int8 st MB':>10s} {'ratio':>5s} "
         f"{'float onnx MB':>13s} {'int8 onnx MB':>12s}"
     )
     for r in rows:
         print(
-            f"{r['model']:10s} {r['batch']:5d} {r['threads']:3d} {r['float_ms']:9.1f} "
+            f"{r['model']:10s} {r['form']:10s} {r['batch']:5d} {r['threads']:3d} {r['float_ms']:9.1f} "
             f"{r['int8_ms']:8.1f} {r['speedup']:17.2f}x {r['float_safetensors_mb']:11.2f} "
             f"{r['int8_safetensors_mb']:10.2f} "
             f"{r['int8_safetensors_mb'] / r['float_safetensors_mb']:5.2f} "
@@ -180,6 +181,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--profile", action="store_true", help="also print time per op type")
+    parser.add_argument(
+        "--form", choices=["exact", "fast"], default="fast", help="export_onnx(exact=...)"
+    )
+    parser.add_argument("--gemm", choices=["u8s8", "u8u8"], default="u8s8", help="export_onnx gemm")
     parser.add_argument("--json", help="write the rows to this file")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)

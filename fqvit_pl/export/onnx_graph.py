@@ -1,8 +1,10 @@
 """``export_onnx``: the integer model as a standard ONNX graph that ONNX Runtime runs on int8 kernels.
 
-Codes travel as ``uint8`` tensors with the points' zero points (``DequantizeLinear`` reads them);
-weights as ``uint8`` ``w + 128`` with zero point 128, so every GEMM is uint8 x uint8, which ONNX
-Runtime's x86 kernels compute exactly (uint8 x int8 may saturate 16-bit pairs on CPUs without VNNI).
+Codes travel as ``uint8`` tensors with the points' zero points (``DequantizeLinear`` reads them).
+Weights are int8 (``gemm="u8s8"``: uint8 x int8 GEMMs, exact with VNNI) or ``w + 128`` as uint8
+with zero point 128 (``gemm="u8u8"``: exact on every x86 CPU, slower).
+
+Two forms. ``exact=True`` (default) computes the integer model's arithmetic operation for operation:
 
 - Linear / patch conv: ``MatMulInteger`` (int32 accumulator), then ``acc * (s_x * s_w) + bias``
   in float32 and the next point's ``QuantizeLinear`` (docs/method.md §12).
@@ -16,6 +18,12 @@ Runtime's x86 kernels compute exactly (uint8 x int8 may saturate 16-bit pairs on
   multiplier and offset by the contract's float32 formula, ``round((M x_q + B) / 2**N)`` exact in
   float64, clamp to the next point's codes.
 - GELU, the residual additions, the Swin pooling and the logits in float, as in the integer model.
+
+``exact=False`` is the fast form: QDQ patterns ONNX Runtime fuses (``QGemm`` with the int32 bias,
+``QLinearMatMul`` for ``q @ k^T``), one ``QuantizeLinear`` per per-tensor point, float32
+``LayerNormalization`` on the dequantized PTF codes, and LIS as ``2**-r`` with
+``r = floor(log2(4 / (3 p)))`` from ``LogSoftmax``; per-axis Quantize/DequantizeLinear are avoided
+(ONNX Runtime runs them as slow scalar loops).
 
 Only standard ONNX operators (opset 17): no custom op is needed to run the graph.
 """
@@ -40,6 +48,10 @@ __all__ = ["export_onnx", "OnnxExportError", "OPSET"]
 OPSET = 17
 #: Log-Int-Softmax row sums below this bound are exact in float64 (else the graph divides in int64).
 FLOAT64_EXACT = 2.0**52
+
+
+#: The parts computed in their fast form by ``export_onnx(exact=False)``.
+_FAST_PARTS = ("quantize", "linear", "layernorm", "scores", "softmax")
 
 
 class OnnxExportError(ValueError):
@@ -107,12 +119,15 @@ class _Graph:
 class _Exporter:
     """Walks an :class:`IntegerViT` / :class:`IntegerSwin` and emits the ONNX nodes of each layer."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, exact: bool = True, gemm: str = "u8s8") -> None:
         from onnx import TensorProto
 
         self.model = model
         self.g = _Graph()
         self.T = TensorProto
+        self.exact = exact
+        self.gemm = gemm
+        self.fast = set() if exact else set(_FAST_PARTS)
 
     # -- points --------------------------------------------------------------------------------
 
@@ -148,6 +163,15 @@ class _Exporter:
             raise OnnxExportError(
                 f"export_onnx: point of type {bt.name} is not an unsigned <=8-bit grid"
             )
+        if "quantize" in self.fast and point.scale.dim() == 0:
+            # one QuantizeLinear: round(x / s) + zp (a half step apart from the contract, rarely);
+            # per-channel (PTF) points keep the explicit division: ONNX Runtime's per-axis
+            # QuantizeLinear is a slow scalar loop
+            s, z = point.scale.detach().to(torch.float32), point.zero_point.detach()
+            if bt.bits < 8:  # a narrower unsigned grid: clamp x to its codes' range first
+                x = g.op("Clip", [x, g.const((bt.lower - z.float()) * s),
+                                  g.const((bt.upper - z.float()) * s)])  # fmt: skip
+            return g.op("QuantizeLinear", [x, g.const(s, "scale"), g.const(z, "zp", np.uint8)])
         scale = g.const(point.scale.detach().to(torch.float32), "scale")
         zp = g.const(point.zero_point.detach().to(torch.float32), "zp")
         y = g.op("Add", [g.op("Div", [x, scale]), zp])  # QuantizeLinear rounds half to even
@@ -165,6 +189,10 @@ class _Exporter:
 
     def dequantize(self, codes: str, point: nn.Module, channels: int | None = None) -> str:
         scale, zp, attrs = self._point_consts(point, channels)
+        if attrs and "quantize" in self.fast:  # ONNX Runtime's per-axis DequantizeLinear is slow
+            g, f32 = self.g, np.float32
+            zp_value = g.const(np.array(int(point.zero_point.reshape(-1)[0]), f32))
+            return g.op("Mul", [g.op("Sub", [g.cast(codes, self.T.FLOAT), zp_value]), scale])
         return self.g.op("DequantizeLinear", [codes, scale, zp], "value", **attrs)
 
     def fake_quantize(self, x: str, point: nn.Module) -> str:
@@ -177,26 +205,80 @@ class _Exporter:
 
     # -- layers --------------------------------------------------------------------------------
 
-    def linear(self, codes: str, in_point: nn.Module, layer: nn.Module) -> str:
-        """``MatMulInteger`` → int32 → ``acc * (s_x * s_w) + bias`` (float32)."""
+    def _weight(self, layer: nn.Module, transpose: bool) -> tuple[str, str]:
+        """The int8 weight as ``gemm`` wants it (``[in, out]`` if ``transpose``) and its zero point.
+
+        ``u8s8``: int8 weights, zero point 0. ``u8u8``: ``w + 128`` as uint8, zero point 128.
+        """
         g = self.g
-        # uint8 x uint8 (weights + 128, zero point 128): exact in every x86 kernel of ONNX Runtime
-        # (uint8 x int8 saturates 16-bit pairs without VNNI; int8 x int8 is ~25x slower there).
-        weight_t = (layer.weight.detach().t().to(torch.int16) + 128).to(torch.uint8).contiguous()
-        w_zp = g.const(np.array(128, np.uint8), "weight_zp")
-        acc = g.op(
-            "MatMulInteger", [codes, g.const(weight_t, "weight"), self._zp8(in_point), w_zp], "acc"
+        weight = layer.weight.detach()
+        weight = weight.t() if transpose else weight
+        if self.gemm == "u8u8":
+            weight = (weight.to(torch.int16) + 128).to(torch.uint8)
+            return g.const(weight.contiguous(), "weight"), g.const(np.array(128, np.uint8), "wzp")
+        return g.const(weight.to(torch.int8).contiguous(), "weight"), g.const(
+            np.array(0, np.int8), "wzp"
         )
-        multiplier = g.const(layer.weight_scale.detach() * in_point.scale.detach(), "multiplier")
-        out = g.op("Mul", [g.cast(acc, self.T.FLOAT), multiplier])
-        if layer.bias is not None:
+
+    def linear(
+        self, codes: str, in_point: nn.Module, layer: nn.Module, out_point: nn.Module | None = None
+    ) -> str:
+        """The codes of ``in_point`` through ``layer``: float32, or codes of ``out_point`` if given.
+
+        Exact: ``MatMulInteger`` → int32 → ``acc * (s_x * s_w) + bias`` (float32) → quantize.
+        Fast: ``DequantizeLinear`` → ``Gemm`` (2-D) with DQ'd int8 weights and int32 bias
+        → ``QuantizeLinear``, which ONNX Runtime fuses into one ``QGemm`` (int32 accumulator,
+        requantization in the kernel).
+        """
+        g = self.g
+        if "linear" not in self.fast:
+            weight, w_zp = self._weight(layer, transpose=True)
+            acc = g.op("MatMulInteger", [codes, weight, self._zp8(in_point), w_zp], "acc")
+            multiplier = g.const(
+                layer.weight_scale.detach() * in_point.scale.detach(), "multiplier"
+            )
+            out = g.op("Mul", [g.cast(acc, self.T.FLOAT), multiplier])
+            if layer.bias is not None:
+                out = g.op("Add", [out, g.const(layer.bias.detach(), "bias")])
+            return out if out_point is None else self.quantize(out, out_point)
+        in_features, out_features = layer.weight.shape[1], layer.weight.shape[0]
+        x = self.dequantize(g.reshape(codes, [-1, in_features]), in_point)
+        weight, w_zp = self._weight(layer, transpose=False)
+        w_scale = layer.weight_scale.detach().to(torch.float32).reshape(-1)
+        if w_scale.numel() == 1:
+            w_scale = w_scale.expand(out_features)
+        w_zp = g.const(np.full(out_features, 128 if self.gemm == "u8u8" else 0,
+                               np.uint8 if self.gemm == "u8u8" else np.int8))  # fmt: skip
+        w = g.op("DequantizeLinear", [weight, g.const(w_scale.contiguous()), w_zp], axis=0)
+        inputs = [x, w]
+        if layer.bias is not None:  # int32 bias on the accumulator's grid (QGemm's contract)
+            bias_scale = (w_scale * in_point.scale.detach().to(torch.float32)).contiguous()
+            bias = torch.round(layer.bias.detach().to(torch.float64) / bias_scale.double())
+            if bool((bias.abs() < 2**31 - 1).all()) and bool((bias_scale > 0).all()):
+                inputs.append(
+                    g.op("DequantizeLinear", [g.const(bias.to(torch.int32), "bias"),
+                         g.const(bias_scale, "bias_scale"),
+                         g.const(np.zeros(out_features, np.int32))], axis=0)
+                )  # fmt: skip
+        out = g.op("Gemm", inputs, transB=1)
+        if len(inputs) == 2 and layer.bias is not None:
             out = g.op("Add", [out, g.const(layer.bias.detach(), "bias")])
-        return out
+        if out_point is not None:
+            out = self.quantize(out, out_point)
+        shape = g.op(
+            "Concat",
+            [
+                g.slice(g.op("Shape", [codes]), 0, -1, 0),
+                g.const(np.array([out_features], np.int64)),
+            ],
+            axis=0,
+        )
+        return g.op("Reshape", [out, shape])
 
     def codes_out(
         self, codes: str, in_point: nn.Module, layer: nn.Module, out_point: nn.Module
     ) -> str:
-        return self.quantize(self.linear(codes, in_point, layer), out_point)
+        return self.linear(codes, in_point, layer, out_point)
 
     def layer_norm(
         self, codes: str, norm: nn.Module, in_point: nn.Module, out_point: nn.Module
@@ -204,7 +286,9 @@ class _Exporter:
         """LayerNorm from the codes of ``in_point`` to the codes of ``out_point`` (§7 with PTF)."""
         g, T = self.g, self.T
         channels = norm.channels
-        if not norm.integer:
+        if (
+            not norm.integer or "layernorm" in self.fast
+        ):  # fast: float LayerNorm on the dequantized codes
             x = self.dequantize(codes, in_point, channels)
             y = g.op(
                 "LayerNormalization",
@@ -282,6 +366,10 @@ class _Exporter:
 
     def gelu(self, x: str) -> str:
         g, f32 = self.g, np.float32
+        if self.fast:  # the pattern ONNX Runtime fuses into one Gelu kernel
+            erf = g.op("Erf", [g.op("Div", [x, g.const(np.array(math.sqrt(2.0), f32))])])
+            y = g.op("Mul", [x, g.op("Add", [erf, g.const(np.array(1.0, f32))])])
+            return g.op("Mul", [y, g.const(np.array(0.5, f32))])
         erf = g.op("Erf", [g.op("Mul", [x, g.const(np.array(math.sqrt(0.5), f32))])])
         half_x = g.op("Mul", [x, g.const(np.array(0.5, f32))])
         return g.op("Mul", [half_x, g.op("Add", [erf, g.const(np.array(1.0, f32))])])
@@ -366,6 +454,34 @@ class _Exporter:
             )
         return g.op("Gather", [g.const(probs, "prob_table"), y])
 
+    def log_int_softmax_fast(
+        self, scores: str, attn: nn.Module, mask: Tensor | None, heads: int, tokens: int
+    ) -> str:
+        """§8 in float32: ``2**-r`` with ``r = floor(log2(4 / (3 p)))`` (the contract's rounding
+        of ``log2(1 / p)`` at 1.5) from ``LogSoftmax`` of the dequantized scores; 0 for ``r >= 2**b``.
+
+        The integer model's exponential is the §8 polynomial, here ``exp`` itself: ``r`` can move
+        by one where ``1 / p`` lies next to a rounding boundary (the fast form's only difference).
+        """
+        g, f32 = self.g, np.float32
+        value = self.dequantize(scores, attn.lis_point())
+        if mask is not None:
+            windows = mask.shape[0]
+            value = g.reshape(value, [-1, windows, heads, tokens, tokens])
+            value = g.op("Add", [value, g.const(mask[None, :, None].detach().to(torch.float32))])
+        value = g.reshape(value, [-1, heads, tokens, tokens])
+        log_p = g.op("LogSoftmax", [value], axis=-1)
+        # -r = ceil(log2 p - log2(4/3))
+        minus_r = g.op(
+            "Ceil",
+            [g.op("Add", [g.op("Mul", [log_p, g.const(np.array(1 / math.log(2), f32))]),
+                          g.const(np.array(-math.log2(4 / 3), f32))])],
+        )  # fmt: skip
+        levels = float(2**attn.softmax_bits)
+        power = g.op("Exp", [g.op("Mul", [minus_r, g.const(np.array(math.log(2), f32))])])
+        kept = g.cast(g.op("Greater", [minus_r, g.const(np.array(-levels, f32))]), self.T.FLOAT)
+        return g.op("Mul", [power, kept])  # faster than Where in ONNX Runtime
+
     def attention(
         self, codes: str, attn: nn.Module, in_point: nn.Module, tokens: int, mask: Tensor | None
     ) -> str:
@@ -376,10 +492,16 @@ class _Exporter:
         qkv = g.transpose(g.reshape(qkv, [-1, tokens, 3, heads, head_dim]), [2, 0, 3, 1, 4])
         q, k, v = (g.op("Gather", [qkv, g.const(np.array(i, np.int64))]) for i in range(3))
         zp = self._zp8(attn.qkv_point)
-        acc = g.op("MatMulInteger", [q, g.transpose(k, [0, 1, 3, 2]), zp, zp], "scores_acc")
         s = attn.qkv_point.scale.detach()
-        step = (s * attn.scale) * s if attn.scale_query_first else (s * s) * attn.scale
-        scores = self.quantize(g.op("Mul", [g.cast(acc, T.FLOAT), g.const(step)]), attn.score_point)
+        if "scores" not in self.fast:
+            acc = g.op("MatMulInteger", [q, g.transpose(k, [0, 1, 3, 2]), zp, zp], "scores_acc")
+            step = (s * attn.scale) * s if attn.scale_query_first else (s * s) * attn.scale
+            scores = g.op("Mul", [g.cast(acc, T.FLOAT), g.const(step)])
+        else:  # DQ → MatMul → Q: one QLinearMatMul (the softmax scale folded into q's scale)
+            q_value = g.op("DequantizeLinear", [q, g.const(s * attn.scale), zp])
+            k_value = g.op("DequantizeLinear", [g.transpose(k, [0, 1, 3, 2]), g.const(s), zp])
+            scores = g.op("MatMul", [q_value, k_value])
+        scores = self.quantize(scores, attn.score_point)
         if attn.window_area is not None:
             value = g.op(
                 "Add",
@@ -389,7 +511,10 @@ class _Exporter:
         windows = None if mask is None else mask.shape[0]
         if windows is not None:
             scores = g.reshape(scores, [-1, windows, heads, tokens, tokens])
-        if attn.lis:
+        if attn.lis and "softmax" in self.fast:
+            probs = self.log_int_softmax_fast(scores, attn, mask, heads, tokens)
+            context = g.op("MatMul", [probs, self.dequantize(v, attn.qkv_point)])
+        elif attn.lis:
             lis_mask = None if mask is None else (mask != 0)[None, :, None].numpy()
             probs = g.reshape(
                 self.log_int_softmax(scores, attn, lis_mask, tokens), [-1, heads, tokens, tokens]
@@ -558,8 +683,30 @@ class _Exporter:
         )
 
 
-def export_onnx(model: nn.Module, path: str | os.PathLike[str] | None = None) -> Any:
+def export_onnx(
+    model: nn.Module,
+    path: str | os.PathLike[str] | None = None,
+    *,
+    exact: bool = True,
+    gemm: str = "u8s8",
+) -> Any:
     """The ONNX graph (``onnx.ModelProto``) of ``model``'s integer model; written to ``path`` if given.
+
+    ``exact=True`` (default, ~0.3-0.4x timm's float graph in ONNX Runtime on this project's CPU):
+    the integer model's arithmetic operation for operation (integer PTF LayerNorm, the §8 integer
+    exponential and division), bit for bit given the same GEMM results.
+
+    ``exact=False`` (fast, ~1.5x float): QDQ patterns that ONNX Runtime fuses into ``QGemm`` and
+    ``QLinearMatMul``, ``QuantizeLinear`` rounding ``x / s`` then adding the zero point, float32
+    ``LayerNormalization`` on the dequantized PTF codes and Log-Int-Softmax's rounding of
+    ``log2(1 / p)`` from ``LogSoftmax``. Its logits differ from the integer model's by about the
+    quantization error itself (a code moved by one rounding propagates through the network), so
+    it does not meet the 5% bar of the exact form: a speed option, check its accuracy on your data.
+
+    ``gemm``: ``"u8s8"`` (default) uint8 activations × int8 weights, ONNX Runtime's fast x86 path,
+    exact on CPUs with VNNI (AVX-512 VNNI / AVX-VNNI); without VNNI its 16-bit pairwise sums can
+    saturate (``255 * 127 * 2 > 2**15``). ``"u8u8"``: weights stored as ``w + 128`` (zero point 128),
+    exact on every x86 CPU, slower (~1.8x per GEMM on this machine).
 
     ``model``: an integer model, a calibrated ``create_model`` network (converted with
     :func:`fqvit_pl.quant.to_integer`) or a LightningModule holding one as ``net``. Input
@@ -582,7 +729,9 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str] | None = None) ->
         t.device.type != "cpu" for t in integer.buffers()
     ):  # leave the caller's model where it is
         integer = copy.deepcopy(integer).cpu()
-    proto = _Exporter(integer).build()
+    if gemm not in ("u8s8", "u8u8"):
+        raise OnnxExportError(f"export_onnx: gemm={gemm!r}; use 'u8s8' or 'u8u8'")
+    proto = _Exporter(integer, exact=exact, gemm=gemm).build()
     proto.producer_version = __version__
     for key, value in (
         ("integer_config", json.dumps(integer.integer_config, sort_keys=True)),

@@ -65,7 +65,7 @@ def test_onnx_runtime_computes_the_integer_model_bit_for_bit_per_image(case, mon
     name, kwargs = CASES[case]
     monkeypatch.setattr(torch, "sqrt", _ieee_sqrt)
     integer = to_integer(calibrated(name, **kwargs)).set_backend("int_mm")
-    session = _session(export_onnx(integer))
+    session = _session(export_onnx(integer, exact=True, gemm="u8u8"))
     size = ARCHS[name]["img_size"]
     x = images(40, size, 100)
     ort_logits = _run(session, x)
@@ -88,7 +88,7 @@ def test_int64_log_int_softmax_path_equals_the_integer_model(name, monkeypatch):
         if getattr(module, "lis", False):
             module.exact_float64 = False
     x = images(40, ARCHS[name]["img_size"], 100)
-    proto = export_onnx(integer)
+    proto = export_onnx(integer, exact=True)
     assert sum(node.op_type == "Mod" for node in proto.graph.node) == len(
         [m for m in integer.modules() if getattr(m, "lis", False)]
     )  # every attention layer divides in int64
@@ -108,7 +108,7 @@ def test_onnx_runtime_agrees_with_the_integer_model_within_the_issue_bars(name, 
     disable_quantization(model)
     full = model(x)
     enable_quantization(model)
-    ort_logits = _run(_session(export_onnx(model)), x)
+    ort_logits = _run(_session(export_onnx(model, exact=True)), x)
     as_run = to_integer(model)(x)
     assert (ort_logits.argmax(1) == as_run.argmax(1)).float().mean() >= 0.99
     monkeypatch.setattr(torch, "sqrt", _ieee_sqrt)
@@ -125,32 +125,47 @@ def _op_inputs(model):
     return types
 
 
+INTEGER_GEMMS = {"MatMulInteger", "MatMulIntegerToFloat", "QGemm", "QLinearMatMul"}
+
+
+@pytest.mark.parametrize("exact", [True, False])
 @torch.no_grad()
-def test_onnx_runtime_picks_integer_gemm_kernels(tmp_path):
-    """Every Linear and both attention matmuls stay integer GEMMs (uint8 x uint8 → int32) in the
-    graph ONNX Runtime optimizes and runs; the only float MatMul is LIS's exact attn @ V."""
+def test_onnx_runtime_picks_integer_gemm_kernels(exact, tmp_path):
+    """Every Linear and q @ k^T stay integer GEMMs in the graph ONNX Runtime optimizes and runs
+    (fast form: fused QGemm / QLinearMatMul, no float64 or int64 tensor); the only float MatMul is
+    LIS's attn @ V (powers of two times V's values)."""
     model = to_integer(calibrated("deit_tiny"))
     optimized = tmp_path / "optimized.onnx"
-    _session(export_onnx(model), optimized)
+    _session(export_onnx(model, exact=exact), optimized)
     graph = onnx.load(str(optimized)).graph
-    integer_gemms = {
-        "MatMulInteger",
-        "MatMulIntegerToFloat",
-        "QGemm",
-        "QLinearMatMul",
-        "DynamicQuantizeMatMul",
-    }
     ops = [node.op_type for node in graph.node]
     depth = ARCHS["deit_tiny"]["depth"]
     linears = 1 + 4 * depth + 1  # patch conv, qkv/proj/fc1/fc2 per block, head
-    assert sum(op in integer_gemms for op in ops) == linears + depth  # + q @ k^T per block
+    assert sum(op in INTEGER_GEMMS for op in ops) == linears + depth  # + q @ k^T per block
+    if not exact:
+        assert ops.count("QGemm") == linears and ops.count("QLinearMatMul") == depth
+        wide = {onnx.TensorProto.DOUBLE, onnx.TensorProto.INT64}
+        assert not any(n.op_type == "Cast" and n.attribute[0].i in wide for n in graph.node)
     weights = {init.name: init.data_type for init in graph.initializer}
     for node in graph.node:
-        if node.op_type in integer_gemms:
-            assert weights.get(node.input[1], onnx.TensorProto.UINT8) == onnx.TensorProto.UINT8
+        if node.op_type == "MatMulInteger":  # the default gemm="u8s8": int8 weights
+            assert weights.get(node.input[1], onnx.TensorProto.INT8) == onnx.TensorProto.INT8
     float_matmuls = [op for op in ops if op in ("MatMul", "FusedMatMul", "Gemm")]
     assert len(float_matmuls) == depth  # attn @ V: powers of two times V's integers, exact in fp32
     assert not any(node.domain not in ("", "ai.onnx", "com.microsoft") for node in graph.node)
+
+
+@pytest.mark.skipif(
+    "vnni" not in open("/proc/cpuinfo").read() if __import__("os").path.exists("/proc/cpuinfo")
+    else True, reason="uint8 x int8 GEMMs are exact only on CPUs with VNNI",
+)  # fmt: skip
+@torch.no_grad()
+def test_u8s8_gemms_equal_u8u8_gemms_on_vnni_cpus():
+    """With VNNI, uint8 x int8 accumulates exactly in int32: the same logits as uint8 x uint8."""
+    model = to_integer(calibrated("deit_tiny"))
+    x = images(8, ARCHS["deit_tiny"]["img_size"], 3)
+    u8s8 = _run(_session(export_onnx(model, exact=True, gemm="u8s8")), x)
+    assert torch.equal(u8s8, _run(_session(export_onnx(model, exact=True, gemm="u8u8")), x))
 
 
 @torch.no_grad()
