@@ -28,14 +28,25 @@ class ExportArtifacts(pl.Callback):
         path: the int8 artifact (:func:`fqvit_pl.export.save_quantized`), e.g. ``model.safetensors``;
             evaluate it later with ``--model.quantized_path``.
         onnx: the ONNX graph (:func:`fqvit_pl.export.export_onnx`, needs ``pip install fqvit_pl[onnx]``).
+        onnx_exact: ``export_onnx``'s ``exact`` (default True: the integer model's arithmetic;
+            False: the faster QDQ form, not bit for bit).
+        onnx_gemm: ``export_onnx``'s ``gemm`` (``"u8s8"``, exact on VNNI CPUs, or ``"u8u8"``).
 
     Attributes:
         written: the files written so far.
     """
 
-    def __init__(self, path: Optional[str] = None, onnx: Optional[str] = None) -> None:
+    def __init__(
+        self,
+        path: Optional[str] = None,
+        onnx: Optional[str] = None,
+        onnx_exact: bool = True,
+        onnx_gemm: str = "u8s8",
+    ) -> None:
         self.path = path
         self.onnx = onnx
+        self.onnx_exact = onnx_exact
+        self.onnx_gemm = onnx_gemm
         self.written: list[str] = []
 
     def _export(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -43,7 +54,10 @@ class ExportArtifacts(pl.Callback):
             return
         from fqvit_pl.export import export_onnx, save_quantized
 
-        for target, write in ((self.path, save_quantized), (self.onnx, export_onnx)):
+        def write_onnx(module: pl.LightningModule, target: str) -> None:
+            export_onnx(module, target, exact=self.onnx_exact, gemm=self.onnx_gemm)
+
+        for target, write in ((self.path, save_quantized), (self.onnx, write_onnx)):
             if target:
                 write(pl_module, target)
                 self.written.append(os.fspath(target))
