@@ -723,14 +723,14 @@ def export_onnx(
         raise ImportError("export_onnx needs onnx: pip install 'fqvit_pl[onnx]'") from error
     from .. import __version__
 
+    if gemm not in ("u8s8", "u8u8"):
+        raise OnnxExportError(f"export_onnx: gemm={gemm!r}; use 'u8s8' or 'u8u8'")
     source = _unwrap(model)
     integer = as_integer_model(source)
     if any(
         t.device.type != "cpu" for t in integer.buffers()
     ):  # leave the caller's model where it is
         integer = copy.deepcopy(integer).cpu()
-    if gemm not in ("u8s8", "u8u8"):
-        raise OnnxExportError(f"export_onnx: gemm={gemm!r}; use 'u8s8' or 'u8u8'")
     proto = _Exporter(integer, exact=exact, gemm=gemm).build()
     proto.producer_version = __version__
     for key, value in (

@@ -174,6 +174,13 @@ def test_onnx_runtime_picks_integer_gemm_kernels(exact, tmp_path):
     assert not any(node.domain not in ("", "ai.onnx", "com.microsoft") for node in graph.node)
 
 
+def test_unknown_gemm_option_is_a_named_error():
+    from fqvit_pl.export.onnx_graph import OnnxExportError
+
+    with pytest.raises(OnnxExportError, match="gemm='s8s8'"):
+        export_onnx(torch.nn.Identity(), gemm="s8s8")
+
+
 @pytest.mark.skipif(
     "vnni" not in open("/proc/cpuinfo").read() if __import__("os").path.exists("/proc/cpuinfo")
     else True, reason="uint8 x int8 GEMMs are exact only on CPUs with VNNI",
