@@ -398,22 +398,15 @@ class _Exporter:
         table = attn.lis_exp_table.detach().to(torch.float64)
         exact32 = bool((table.to(torch.float32).to(torch.float64) == table).all())
         table = table.to(torch.float32) if exact32 else table
-        masked_index = g.const(
-            np.array(table.numel() - 1 if table.numel() != 65537 else 256, np.int32)
+        masked_index = g.const(np.array(table.numel() - 1, np.int32))  # the saturated value
         )
-        index = g.op("Where", [g.op("Less", [c, g.const(np.array(0, np.int32))]), masked_index, c])
         if table.numel() == 65537:
-            # The simulation's table, indexed by (row max, code): each row's 257 entries (the last
-            # one the saturated value of masked pairs) are gathered once, then read per score.
-            rows = torch.cat([table[:65536].reshape(256, 256), table[65536:].expand(256, 1)], 1)
-            per_row = g.op(
-                "Gather",
-                [
-                    g.const(rows, "exp_table"),
-                    g.op("Squeeze", [row_max, g.const(np.array([-1], np.int64))]),
-                ],
-            )
-            e = g.op("GatherElements", [per_row, index], axis=-1)
+            # The simulation's table, indexed by 256 * (row max) + code (masked pairs: its last
+            # entry, the saturated value): one flat Gather per score.
+            flat = g.op("Add", [g.op("Mul", [row_max, g.const(np.array(256, np.int32))]), c])
+            index = g.op("Where", [g.op("Less", [c, g.const(np.array(0, np.int32))]),
+                                   g.const(np.array(65536, np.int32)), flat])  # fmt: skip
+            e = g.op("Gather", [g.const(table, "exp_table"), index])
         else:  # the exact table, indexed by row max - code
             index = g.op("Where", [g.op("Less", [c, g.const(np.array(0, np.int32))]), masked_index,
                                    g.op("Sub", [row_max, c])])  # fmt: skip
