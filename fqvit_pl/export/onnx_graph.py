@@ -399,7 +399,6 @@ class _Exporter:
         exact32 = bool((table.to(torch.float32).to(torch.float64) == table).all())
         table = table.to(torch.float32) if exact32 else table
         masked_index = g.const(np.array(table.numel() - 1, np.int32))  # the saturated value
-        )
         if table.numel() == 65537:
             # The simulation's table, indexed by 256 * (row max) + code (masked pairs: its last
             # entry, the saturated value): one flat Gather per score.
