@@ -1,11 +1,12 @@
 """The command line: a LightningCLI over :class:`QuantViTModule` and the DataModules of ``datamodules``.
 
 ``python main.py {fit,validate,test,predict} --config configs/<model>.yaml [--key value ...]``.
-Besides the usual ``model``/``data``/``trainer`` groups it adds three callbacks, configurable as
+Besides the usual ``model``/``data``/``trainer`` groups it adds four callbacks, configurable as
 ``calibration.*`` (:class:`~fqvit_pl.callbacks.QuantCalibration`), ``results.*``
-(:class:`~fqvit_pl.callbacks.ResultsWriter`) and ``report.*`` (:class:`~fqvit_pl.callbacks.QuantReport`,
-off until ``--report.dir`` is given). Before building anything it checks ``--ckpt_path``
-against the command line, ``--trainer.precision`` and ``--data.root`` (see :mod:`fqvit_pl.checks`).
+(:class:`~fqvit_pl.callbacks.ResultsWriter`), ``report.*`` (:class:`~fqvit_pl.callbacks.QuantReport`,
+off until ``--report.dir`` is given) and ``export.*`` (:class:`~fqvit_pl.callbacks.ExportArtifacts`).
+Before building anything it checks ``--ckpt_path`` against the command line,
+``--trainer.precision`` and ``--data.root`` (see :mod:`fqvit_pl.checks`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from jsonargparse import Namespace
 from pytorch_lightning.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 import datamodules  # noqa: F401  (registers ImageNetDataModule / DigitsDataModule for short class paths)
-from fqvit_pl.callbacks import QuantCalibration, QuantReport, ResultsWriter
+from fqvit_pl.callbacks import ExportArtifacts, QuantCalibration, QuantReport, ResultsWriter
 from fqvit_pl.checks import check_checkpoint_hparams, check_data_root, check_precision
 from fqvit_pl.module import QuantViTModule
 
@@ -28,10 +29,11 @@ class FQViTCLI(LightningCLI):
     """LightningCLI with the calibration and results callbacks always present."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        """Add the ``calibration``, ``results`` and ``report`` (``--report.dir``: :class:`QuantReport`) groups."""
+        """Add the ``calibration``, ``results``, ``report`` and ``export`` callback groups."""
         parser.add_lightning_class_args(QuantCalibration, "calibration")
         parser.add_lightning_class_args(ResultsWriter, "results")
         parser.add_lightning_class_args(QuantReport, "report")
+        parser.add_lightning_class_args(ExportArtifacts, "export")
 
     def _run_config(self) -> Namespace:
         subcommand = self.config.get("subcommand")

@@ -71,6 +71,9 @@ class QuantViTModule(pl.LightningModule):
             a quantized evaluation reports as an error naming the layer).
         execution: ``"simulated"`` (fake quantization) or ``"integer"``: after calibration the
             evaluation runs :func:`fqvit_pl.quant.to_integer`'s integer model of the network.
+        quantized_path: evaluate this int8 artifact (:func:`fqvit_pl.export.load_quantized`) instead:
+            no float weights, download or calibration (the architecture, quantization settings and
+            class count come from the file; ``method``/``ptf``/``lis``/``model_kwargs`` are unused).
         optimizer: optimizer factory, called with the parameters (LightningCLI: ``class_path``/``init_args``).
         lr_scheduler: optional scheduler factory, called with the optimizer; stepped every epoch.
     """
@@ -92,6 +95,7 @@ class QuantViTModule(pl.LightningModule):
         execution: str = "simulated",
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: Optional[LRSchedulerCallable] = None,
+        quantized_path: Optional[str] = None,
     ) -> None:
         super().__init__()
         if execution not in ("simulated", "integer"):
@@ -101,19 +105,24 @@ class QuantViTModule(pl.LightningModule):
         # execution is how this run evaluates, not a property of the weights: kept out of the
         # checkpoint's hparams, so that `validate --ckpt_path ... --model.execution integer` applies
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "execution"])
-        self.execution = execution
-        self.net = create_model(
-            model_name,
-            method=method,
-            ptf=ptf,
-            lis=lis,
-            pretrained=pretrained,
-            checkpoint_path=checkpoint_path,
-            num_classes=num_classes,
-            model_kwargs=model_kwargs,
-            ln_eps=ln_eps,
-            **dict(overrides or {}),
-        ).train()  # create_model returns eval mode; Lightning switches modes per stage from here
+        # An int8 artifact is an integer model already.
+        self.execution = "integer" if quantized_path is not None else execution
+        if quantized_path is not None:
+            self.net, num_classes = _load_artifact(quantized_path, num_classes)
+        else:  # create_model returns eval mode; Lightning switches modes per stage from here
+            self.net = create_model(
+                model_name,
+                method=method,
+                ptf=ptf,
+                lis=lis,
+                pretrained=pretrained,
+                checkpoint_path=checkpoint_path,
+                num_classes=num_classes,
+                model_kwargs=model_kwargs,
+                ln_eps=ln_eps,
+                **dict(overrides or {}),
+            ).train()
+        self.num_classes = num_classes
         self.label_smoothing = label_smoothing
         self.fp_agreement = fp_agreement
         self.optimizer_factory = optimizer
@@ -126,14 +135,25 @@ class QuantViTModule(pl.LightningModule):
         self._float_pass = False  # forward runs self.net even when an integer model exists
 
     @property
+    def is_integer_artifact(self) -> bool:
+        """Whether the network is a loaded int8 artifact (already quantized: nothing to calibrate)."""
+        return self.hparams.get("quantized_path") is not None
+
+    @property
     def quant_config(self) -> QuantConfig:
         """The network's quantization configuration (method, ptf, lis, per-role overrides)."""
+        if self.is_integer_artifact:
+            from fqvit_pl.quant.integer.models import quant_config_from_dict
+
+            return quant_config_from_dict(self.net.integer_config["quant"])
         return self.net.qconfig
 
     def describe(self) -> dict[str, Any]:
         """What identifies this run in the paper's table: model, method, ptf, lis, bits (``W/A/Attn``)."""
         return {
-            "model": self.hparams.model_name,
+            "model": self.net.integer_config["model_name"]
+            if self.is_integer_artifact
+            else self.hparams.model_name,
             "method": self.quant_config.method,
             "ptf": self.quant_config.ptf,
             "lis": self.quant_config.lis,
@@ -179,6 +199,11 @@ class QuantViTModule(pl.LightningModule):
 
     @override
     def setup(self, stage: str) -> None:
+        if stage == "fit" and self.is_integer_artifact:
+            raise ValueError(
+                f"model.quantized_path={self.hparams.quantized_path!r}: an int8 artifact has no float "
+                "weights to fine-tune; use validate/test/predict, or fit from model.checkpoint_path"
+            )
         self._check_preprocessing()
         self._check_num_classes()
 
@@ -189,7 +214,7 @@ class QuantViTModule(pl.LightningModule):
         if isinstance(classes, int) and not isinstance(classes, bool):
             root = getattr(datamodule, "root", None)
             source = f"the data ({type(datamodule).__name__}{f' at {root!r}' if root else ''})"
-            check_num_classes(classes, self.hparams.num_classes, source)
+            check_num_classes(classes, self.num_classes, source)
 
     def _check_preprocessing(self) -> None:
         datamodule = (
@@ -239,7 +264,12 @@ class QuantViTModule(pl.LightningModule):
 
     def _evaluation_epoch_start(self) -> None:
         self._quantized = self._quantizing_modules()
-        if self.fp_agreement and not self._quantized and not self.trainer.sanity_checking:
+        if self.fp_agreement and self.is_integer_artifact:
+            rank_zero_warn(
+                "fp_agreement: the int8 artifact (model.quantized_path) has no float weights; "
+                "fp_top1/fp_agreement are not logged"
+            )
+        elif self.fp_agreement and not self._quantized and not self.trainer.sanity_checking:
             rank_zero_warn(
                 "fp_agreement is on but the network is not quantized in this evaluation "
                 "(no QuantCalibration callback?): fp_top1/fp_agreement are not logged"
@@ -294,3 +324,17 @@ class QuantViTModule(pl.LightningModule):
     def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         return self(x).softmax(dim=-1)
+
+
+def _load_artifact(path: str, num_classes: int) -> tuple[nn.Module, int]:
+    """The integer model of an int8 artifact and its class count (warns if ``num_classes`` differs)."""
+    from fqvit_pl.export import load_quantized
+
+    net = load_quantized(path)
+    classes = int(net.integer_config["num_classes"])
+    if classes != num_classes:
+        rank_zero_warn(
+            f"model.quantized_path={path!r} has {classes} classes; model.num_classes={num_classes} "
+            "is ignored"
+        )
+    return net, classes

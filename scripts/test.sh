@@ -5,7 +5,7 @@ cd "$(dirname "$0")/.."
 
 if ! python -c "import torch, torchvision, timm, pytorch_lightning, torchmetrics, jsonargparse, sklearn, docstring_parser, pytest" 2>/dev/null \
     || ! command -v ruff >/dev/null; then
-    python -m pip install -e ".[dev]"
+    python -m pip install -e ".[dev,onnx]"
 fi
 # Lint and format check first (seconds), then the tests.
 ruff check .

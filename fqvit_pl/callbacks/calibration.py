@@ -52,6 +52,8 @@ class QuantCalibration(pl.Callback):
     DataModule (or of the LightningModule); their ``train_dataloader()``; the loader ``fit`` trains
     on; and last, with a warning, the evaluation loader itself.
 
+    - A module whose ``is_integer_artifact`` is true (``QuantViTModule`` with ``quantized_path``)
+      is already quantized: the callback leaves it alone.
     - **validate/test/predict**: a module that is already calibrated (e.g. restored from a
       checkpoint of a calibrated model: calibration state is module state) is evaluated as is,
       unless ``recalibrate``.
@@ -167,10 +169,14 @@ class QuantCalibration(pl.Callback):
     def _prepare(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, fresh_weights: bool
     ) -> None:
-        self._require_quant_layers(pl_module)
         self.last_calibration_seconds = self.last_calibration_images = (
             self.last_calibration_source
         ) = None
+        # A loaded int8 file (QuantViTModule with quantized_path): nothing to calibrate.
+        if getattr(pl_module, "is_integer_artifact", False):
+            rank_zero_info(f"{type(pl_module).__name__} evaluates an int8 artifact: no calibration")
+            return
+        self._require_quant_layers(pl_module)
         if fresh_weights or self.recalibrate or not is_calibrated(pl_module):
             self.calibrate(trainer, pl_module)
             if self.save_path and not fresh_weights:

@@ -1,0 +1,47 @@
+"""Small calibrated networks of the real architectures (random weights, calibrated on random images)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fqvit_pl.models import create_model
+from fqvit_pl.quant import calibrate
+
+VIT = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2)
+SWIN = dict(img_size=64, patch_size=4, window_size=4, embed_dim=32, depths=(2, 2), num_heads=(2, 4))
+ARCHS = {"deit_tiny": VIT, "vit_base": VIT, "swin_tiny": SWIN}
+
+
+@torch.no_grad()
+def randomize(model: nn.Module, seed: int) -> nn.Module:
+    """Unit-gain random weights, so every layer's output has a useful range."""
+    g = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            fan_in = module.weight[0].numel()
+            module.weight.copy_(torch.randn(module.weight.shape, generator=g) * fan_in**-0.5)
+            if module.bias is not None:
+                module.bias.copy_(torch.randn(module.bias.shape, generator=g) * 0.1)
+        elif isinstance(module, nn.LayerNorm):
+            module.weight.copy_(torch.randn(module.weight.shape, generator=g) * 0.2 + 1)
+            module.bias.copy_(torch.randn(module.bias.shape, generator=g) * 0.1)
+    for name, param in model.named_parameters():
+        if name in ("cls_token", "pos_embed") or name.endswith("relative_position_bias_table"):
+            param.copy_(torch.randn(param.shape, generator=g) * 0.5)
+    return model
+
+
+def images(count: int, size: int, seed: int) -> torch.Tensor:
+    """Random ``[count, 3, size, size]`` images."""
+    return torch.randn(count, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def calibrated(name: str, method: str = "minmax", seed: int = 0, **kwargs) -> nn.Module:
+    """A reduced ``name`` with random weights, calibrated on two batches of random images."""
+    arch = ARCHS[name]
+    model = randomize(
+        create_model(name, method=method, num_classes=10, model_kwargs=arch, **kwargs), seed
+    )
+    calibrate(model, [images(8, arch["img_size"], s) for s in range(2)])
+    return model
