@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! python -c "import torch, torchvision, timm, pytorch_lightning, torchmetrics, jsonargparse, sklearn, docstring_parser, pytest" 2>/dev/null \
+if ! python -c "import torch, torchvision, timm, pytorch_lightning, torchmetrics, jsonargparse, sklearn, docstring_parser, matplotlib, onnx, onnxruntime, pytest" 2>/dev/null \
     || ! command -v ruff >/dev/null; then
     python -m pip install -e ".[dev,onnx]"
 fi
