@@ -159,6 +159,7 @@ class QuantViTModule(pl.LightningModule):
             "lis": self.quant_config.lis,
             "bits": self.quant_config.bits_label,
             "execution": self.execution,
+            "ln_eps": self.quant_config.ln_eps,  # not the published LayerNorm when non-zero
         }
 
     def on_quantization_ready(self) -> None:

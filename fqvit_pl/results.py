@@ -44,6 +44,7 @@ class ResultRow:
     timestamp: str = ""
     execution: str = "simulated"
     sim_agreement: Optional[float] = None
+    ln_eps: float = 0.0
 
 
 #: Column order of the results CSV.
@@ -66,6 +67,7 @@ def format_summary(row: ResultRow) -> str:
         f"ptf={row.ptf}",
         f"lis={row.lis}",
         f"W/A/Attn={row.bits}",
+        *([f"ln_eps={row.ln_eps:g}"] if row.ln_eps else []),
         *([f"execution={row.execution}"] if row.execution != "simulated" else []),
         f"top1={_num(row.top1, 2)}",
         f"top5={_num(row.top5, 2)}",

@@ -199,6 +199,7 @@ def test_nan_in_quantized_logits_is_an_error_naming_the_layer(ln_eps):
     if ln_eps:
         results = trainer.validate(module, datamodule=data)[0]
         assert math.isfinite(results["val/loss"])  # with the opt-in epsilon: finite logits
+        assert module.describe()["ln_eps"] == ln_eps  # the results row says it is not as published
     else:
         with pytest.raises(NonFiniteOutputError, match=r"'blocks\.0\.norm1'.*--model\.ln_eps"):
             trainer.validate(module, datamodule=data)

@@ -125,6 +125,7 @@ class ResultsWriter(pl.Callback):
             timestamp=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             execution=str(info.get("execution", "simulated")),
             sim_agreement=percent("sim_agreement"),
+            ln_eps=float(info.get("ln_eps", 0.0)),
         )
         self.last_row = row
         rank_zero_info(format_summary(row))

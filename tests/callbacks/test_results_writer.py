@@ -40,6 +40,9 @@ def test_format_summary():
     assert format_summary(with_fp).endswith(
         "fp_top1=79.85 fp_agreement=96.50 calib=n/a 810.2 img/s"
     )
+    # A run that is not the published LayerNorm says so.
+    with_eps = ResultRow(**{**ROW.__dict__, "ln_eps": 1e-6})
+    assert "W/A/Attn=8/8/4 ln_eps=1e-06 top1=78.40" in format_summary(with_eps)
 
 
 def test_append_result_writes_header_once_and_rows_in_order(tmp_path):

@@ -27,6 +27,11 @@ def _check_config(qconfig: QuantConfig, name: str) -> None:
         qconfig.point(r) for r in ("weight", "activation", "ln_input", "softmax")
     )
     problems = []
+    if qconfig.ln_eps:
+        problems.append(
+            f"the integer LayerNorm runs without epsilon, as published (got ln_eps={qconfig.ln_eps:g}; "
+            "calibrate a model built with ln_eps=0)"
+        )
     if weight.quantizer != "uniform" or not weight.bit_type.signed or weight.bit_type.bits > 8:
         problems.append(
             f"weights must be uniform signed of at most 8 bits (got {weight.bit_type.name}, {weight.quantizer})"

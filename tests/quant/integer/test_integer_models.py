@@ -241,6 +241,15 @@ def test_unconvertible_configuration_is_a_named_error():
         to_integer(model)
 
 
+def test_opt_in_layernorm_epsilon_is_refused_by_name():
+    # The integer LayerNorm implements the published formula (no epsilon): converting a model
+    # calibrated with ln_eps would silently change its outputs.
+    model = create_model("deit_tiny", num_classes=10, model_kwargs=VIT, ln_eps=1e-6)
+    calibrate(model, [_images(4, 32, 0)])
+    with pytest.raises(IntegerConversionError, match=r"ln_eps=1e-06"):
+        to_integer(model)
+
+
 def test_foreign_model_is_a_named_error():
     with pytest.raises(IntegerConversionError, match="create_model"):
         to_integer(nn.Linear(2, 2))
