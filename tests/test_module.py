@@ -142,6 +142,7 @@ def test_describe(kwargs, bits):
         "lis": kwargs.get("lis", True),
         "bits": bits,
         "execution": "simulated",
+        "ln_eps": 0.0,
     }
 
 
