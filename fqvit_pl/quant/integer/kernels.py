@@ -287,6 +287,8 @@ def int_layernorm_codes(
 ) -> Tensor:
     """The integer LayerNorm of §7 on LN-input codes ``[..., C]``: returns the codes of the next point.
 
+    ``codes``: ``uint8`` or integer-valued float32 (:func:`quantize_float`).
+
     ``in_scale`` is the LN-input point's ``[C]`` (or ``[C / 4]``, tiled, or ``[]``) scales; ``s_min``
     their minimum and ``k = round(s_in / s_min)`` (powers of two with PTF), so
     ``x_q = (c - zp_in) * k`` is the input in units of ``s_min``. ``sum x_q`` and ``sum x_q**2`` are
@@ -305,7 +307,11 @@ def int_layernorm_codes(
     s_min = in_scale.min()
     k = torch.round(in_scale / s_min)
     # x_q and x_q**2 are integers below 2**12 and 2**22: exact in float32; the sums in float64
-    x_q = codes.to(torch.float32).sub_(in_zero_point.reshape(-1)[0]).mul_(k)
+    zero_point = in_zero_point.reshape(-1)[0]
+    if codes.dtype == torch.float32:  # integer-valued float codes (quantize_float): left unchanged
+        x_q = torch.sub(codes, zero_point).mul_(k)
+    else:
+        x_q = codes.to(torch.float32).sub_(zero_point).mul_(k)
     # |x_q| <= 255 * max(k): the row sum is exact in float32 below 2**24 (no float64 copy of x_q)
     sum_type = torch.float32 if channels * 255 * float(k.max()) < 2**24 else torch.float64
     total = x_q.sum(dim=-1, keepdim=True, dtype=sum_type)
