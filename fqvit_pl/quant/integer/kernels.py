@@ -19,6 +19,7 @@ from ..functional import int_exp
 
 __all__ = [
     "quantize",
+    "quantize_float",
     "dequantize",
     "requantize",
     "onednn_available",
@@ -46,13 +47,22 @@ def quantize(x: Tensor, scale: Tensor, zero_point: Tensor, bit_type: BitType) ->
     dequantizes, so the codes are the simulation's for the same ``x``. ``scale``/``zero_point``
     broadcast on ``x`` (per tensor, or per channel on the last dim).
     """
+    return quantize_float(x, scale, zero_point, bit_type).to(torch.uint8)
+
+
+def quantize_float(x: Tensor, scale: Tensor, zero_point: Tensor, bit_type: BitType) -> Tensor:
+    """:func:`quantize` without the final cast: the codes as integer-valued float32 (one pass fewer
+    where the next step reads them as numbers anyway)."""
     # in place on the fresh quotient: the same operations in the same order
-    q = (x / scale).add_(zero_point).round_().clamp_(bit_type.lower, bit_type.upper)
-    return q.to(torch.uint8)
+    return (x / scale).add_(zero_point).round_().clamp_(bit_type.lower, bit_type.upper)
 
 
 def dequantize(codes: Tensor, scale: Tensor, zero_point: Tensor) -> Tensor:
-    """``(codes - zp) * scale`` in float32: bit for bit the simulation's fake-quantized value."""
+    """``(codes - zp) * scale`` in float32: bit for bit the simulation's fake-quantized value.
+
+    ``codes``: ``uint8``, or integer-valued float32 (:func:`quantize_float`; left unchanged)."""
+    if codes.dtype == torch.float32:
+        return torch.sub(codes, zero_point).mul_(scale)
     return codes.to(torch.float32).sub_(zero_point).mul_(scale)
 
 
@@ -215,6 +225,8 @@ def log_int_softmax_codes(
 ) -> Tensor:
     """Log-Int-Softmax (§8) over the last dim of ``uint8`` score codes, by table lookups.
 
+    ``score_codes`` may also be the codes as integer-valued float32 (:func:`quantize_float`).
+
     ``t = rowmax(c) - c`` (the zero point cancels) is an integer in ``0..255``; ``e = exp_table[t]``
     (:func:`lis_exp_table`; with the ``[65537]`` :func:`lis_exp_table_2d`,
     ``e = exp_table[256 * rowmax(c) + c]``, the simulation's float32 division included); ``S = sum(e)``; ``y = round(S / e)`` (half to even); the log rounding
@@ -230,23 +242,25 @@ def log_int_softmax_codes(
     Otherwise ``S`` and ``y`` are computed in int64 with integer division.
     """
     shape = score_codes.shape
-    c = score_codes.to(torch.int32)
+    # float codes: index arithmetic on integers below 2**17, exact in float32, one cast at the end
+    c = score_codes if score_codes.is_floating_point() else score_codes.to(torch.int32)
     if exp_table.numel() == MASKED_2D + 1:  # the simulation's table, indexed by (row max, code)
         if mask is not None:
             c = c.masked_fill(mask, -512)  # never a row maximum (checked by the converter)
-        index = c + c.amax(dim=-1, keepdim=True) * 256
+        index = c + c.amax(dim=-1, keepdim=True).mul_(256)
         if mask is not None:
             index = index.masked_fill_(mask.expand(shape), MASKED_2D)
     else:
         if mask is not None:
             c = c.masked_fill(mask, -512)
-        index = (c.amax(dim=-1, keepdim=True) - c).clamp_(max=MASKED)
+        index = torch.sub(c.amax(dim=-1, keepdim=True), c).clamp_(max=MASKED)
     # index_select on the flat tensor: several times faster than advanced indexing on CPU
-    flat = index.reshape(-1)
+    flat = index.reshape(-1).to(torch.int32)
     if exact_float64:
         e = torch.index_select(exp_table, 0, flat).view(shape)
         y = torch.div(e.sum(dim=-1, keepdim=True), e, out=e).round_()
-        return torch.index_select(out_table, 0, _log_round(y).view(-1)).view(shape)
+        key = y.view(torch.int64).bitwise_right_shift_(51)  # _log_round, in place
+        return torch.index_select(out_table, 0, key.view(-1)).view(shape)
     e = torch.index_select(exp_table.to(torch.int64), 0, flat).view(shape)
     total = e.sum(dim=-1, keepdim=True)
     safe = e.clamp(min=1)
@@ -273,6 +287,8 @@ def int_layernorm_codes(
 ) -> Tensor:
     """The integer LayerNorm of §7 on LN-input codes ``[..., C]``: returns the codes of the next point.
 
+    ``codes``: ``uint8`` or integer-valued float32 (:func:`quantize_float`).
+
     ``in_scale`` is the LN-input point's ``[C]`` (or ``[C / 4]``, tiled, or ``[]``) scales; ``s_min``
     their minimum and ``k = round(s_in / s_min)`` (powers of two with PTF), so
     ``x_q = (c - zp_in) * k`` is the input in units of ``s_min``. ``sum x_q`` and ``sum x_q**2`` are
@@ -291,8 +307,14 @@ def int_layernorm_codes(
     s_min = in_scale.min()
     k = torch.round(in_scale / s_min)
     # x_q and x_q**2 are integers below 2**12 and 2**22: exact in float32; the sums in float64
-    x_q = codes.to(torch.float32).sub_(in_zero_point.reshape(-1)[0]).mul_(k)
-    total = x_q.sum(dim=-1, keepdim=True, dtype=torch.float64)
+    zero_point = in_zero_point.reshape(-1)[0]
+    if codes.dtype == torch.float32:  # integer-valued float codes (quantize_float): left unchanged
+        x_q = torch.sub(codes, zero_point).mul_(k)
+    else:
+        x_q = codes.to(torch.float32).sub_(zero_point).mul_(k)
+    # |x_q| <= 255 * max(k): the row sum is exact in float32 below 2**24 (no float64 copy of x_q)
+    sum_type = torch.float32 if channels * 255 * float(k.max()) < 2**24 else torch.float64
+    total = x_q.sum(dim=-1, keepdim=True, dtype=sum_type)
     squares = (x_q * x_q).sum(dim=-1, keepdim=True, dtype=torch.float64)
     total_f, squares_f = total.to(torch.float32), squares.to(torch.float32)
     mean = (total_f / channels) * s_min
@@ -301,14 +323,15 @@ def int_layernorm_codes(
     # 2**n by exp2: the exact power of two for integer n, as pow(2.0, n)
     a = (s_min / std) * weight
     a.div_(out_scale)
-    sign = torch.sign(a)
-    a.abs_()
-    p = torch.log2(a).floor_().neg_().add_(bits).clamp_(0, 31).exp2_()
-    m = a.mul_(p).floor_().clamp_(0, 2 ** (bits + 1) - 1)
+    # fewer passes, the same values: bits - f is the exact -f + bits of small integers (or +-inf),
+    # and sign(a) * floor(|a| * p) clamped to M's range is trunc(a * p) clamped symmetrically
+    p = torch.abs(a).log2_().floor_()
+    p = torch.sub(bits, p, out=p).clamp_(0, 31).exp2_()
+    signed_m = a.mul_(p).trunc_().clamp_(-(2 ** (bits + 1) - 1), 2 ** (bits + 1) - 1)
     b = (mean / std) * weight
     b = torch.sub(bias, b, out=b).div_(out_scale).mul_(p).round_()
     # step 5 exactly: |sign * M * x_q + B| < 2**53, division by a power of two, half-even round
-    v = sign.mul_(m).to(torch.float64).mul_(x_q).add_(b).div_(p).round_()
+    v = signed_m.to(torch.float64).mul_(x_q).add_(b).div_(p).round_()
     v.add_(out_zero_point.reshape(-1)[0]).clamp_(out_bit_type.lower, out_bit_type.upper)
     return v.to(torch.uint8)
 

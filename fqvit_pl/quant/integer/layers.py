@@ -306,10 +306,11 @@ class IntegerAttention(nn.Module):
         return self.proj.codes_out(context, self.context_point, self.proj_point)
 
     def scores(self, qkv: Tensor) -> tuple[Tensor, Tensor]:
-        """qkv codes ``[B, N, 3 * dim]`` → (score codes ``[B, heads, N, N]`` of :meth:`lis_point`,
+        """qkv codes ``[B, N, 3 * dim]`` → (score codes ``[B, heads, N, N]`` of :meth:`lis_point`
+        as integer-valued float32,
         V's codes minus their zero point ``[B, heads, N, head_dim]`` as float32 integers)."""
         batch, tokens, _ = qkv.shape
-        qkv = qkv.to(torch.float32) - self.qkv_point.zero_point
+        qkv = qkv.to(torch.float32).sub_(self.qkv_point.zero_point)
         q, k, v = (
             qkv.reshape(batch, tokens, 3, self.num_heads, self.head_dim)
             .permute(2, 0, 3, 1, 4)
@@ -318,10 +319,15 @@ class IntegerAttention(nn.Module):
         acc = kernels.int_matmul_exact(q, k.transpose(-2, -1))
         s = self.qkv_point.scale
         step = (s * self.scale) * s if self.scale_query_first else (s * s) * self.scale
-        scores = self.score_point.quantize(acc * step)
+        # codes as integer-valued float32: LIS and the bias read them as numbers (no uint8 round trip)
+        point = self.score_point
+        scores = kernels.quantize_float(
+            acc.mul_(step), point.scale, point.zero_point, point.bit_type
+        )
         if self.window_area is not None:
-            value = self.score_point.dequantize(scores) + self.relative_bias()
-            scores = self.bias_point.quantize(value)
+            value = self.score_point.dequantize(scores).add_(self.relative_bias())
+            point = self.bias_point
+            scores = kernels.quantize_float(value, point.scale, point.zero_point, point.bit_type)
         return scores, v
 
     def context(self, scores: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:

@@ -77,8 +77,15 @@ class _IntegerModel(nn.Module):
 def _residual(
     x: Tensor, x_point: IntPoint, branch: Tensor, branch_point: IntPoint, out: IntPoint
 ) -> Tensor:
-    """``LNQ(x + branch)`` on codes: the addition in float on the dequantized values, as simulated."""
-    return out.quantize(x_point.dequantize(x) + branch_point.dequantize(branch))
+    """``LNQ(x + branch)`` on codes: the addition in float on the dequantized values, as simulated.
+
+    The codes come back as integer-valued float32: their readers (the next LayerNorm, the next
+    residual, patch merging) take them as numbers, so a uint8 round trip would cost two casts.
+    """
+    return kernels.quantize_float(
+        x_point.dequantize(x).add_(branch_point.dequantize(branch)),
+        out.scale, out.zero_point, out.bit_type,
+    )  # fmt: skip
 
 
 class IntegerViTBlock(nn.Module):
