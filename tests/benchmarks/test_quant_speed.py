@@ -56,3 +56,24 @@ def test_tiny_run_prints_the_tables(bench, capsys, tmp_path):
     raw = json.loads(out.read_text())["results"][0]
     assert set(raw["eager_img_s"]) == {"float (timm)", "float (fqvit, quant off)", "minmax", "omse"}
     assert all(len(rates) == 2 and min(rates) > 0 for rates in raw["eager_img_s"].values())
+
+
+def test_one_compiled_graph_takes_every_methods_calibration(bench):
+    # The compile rows run all methods through the first method's compiled module by loading each
+    # calibration into it; the configuration guard refuses that unless the labels are the host's.
+    import torch
+
+    from fqvit_pl.models import create_model
+    from fqvit_pl.quant import CalibrationConfigError, calibrate
+
+    tiny = {"img_size": 16, "patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2}
+    host = create_model("deit_tiny", method="minmax", num_classes=4, model_kwargs=tiny)
+    other = create_model("deit_tiny", method="omse", num_classes=4, model_kwargs=tiny)
+    other.load_state_dict(host.state_dict())  # same float weights (uncalibrated: any config)
+    calibrate(other, [torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))])
+    with pytest.raises(CalibrationConfigError):
+        host.load_state_dict(other.state_dict())
+    host.load_state_dict(bench.with_host_labels(host, other.state_dict()))
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(host(x), other(x))  # the omse calibration, run by the minmax host
