@@ -4,9 +4,9 @@ import csv
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from cli_args import CONFIGS, QUIET, REPO, TINY_DEMO
 from PIL import Image
 
 from fqvit_pl.callbacks import QuantCalibration, ResultsWriter
@@ -14,21 +14,6 @@ from fqvit_pl.cli import cli_main
 from fqvit_pl.models import list_models
 from fqvit_pl.results import RESULT_COLUMNS
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIGS = REPO / "configs"
-QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
-TINY_DEMO = [
-    "--model.model_kwargs",
-    '{"img_size": 16, "patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2}',
-    "--data.img_size",
-    "16",
-    "--data.limit",
-    "200",
-    "--data.calib_batch_size",
-    "16",
-    "--data.num_calib_batches",
-    "2",
-]
 TINY_IMAGENET = [
     "--model.pretrained",
     "false",

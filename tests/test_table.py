@@ -2,9 +2,10 @@
 
 import csv
 import sys
-from pathlib import Path
 
 import pytest
+from cli_args import DEMO_CONFIG, QUIET, REPO
+from cli_args import TINY_DEMO as TINY_DEMO_ARGS
 
 from fqvit_pl.analysis.table import (
     Cell,
@@ -16,23 +17,7 @@ from fqvit_pl.analysis.table import (
 from fqvit_pl.cli import cli_main
 from fqvit_pl.table import main as table_main
 
-REPO = Path(__file__).resolve().parents[1]
-QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
-TINY_DEMO = [
-    "--config",
-    str(REPO / "configs" / "demo.yaml"),
-    *QUIET,
-    "--model.model_kwargs",
-    '{"img_size": 16, "patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2}',
-    "--data.img_size",
-    "16",
-    "--data.limit",
-    "200",
-    "--data.calib_batch_size",
-    "16",
-    "--data.num_calib_batches",
-    "2",
-]
+TINY_DEMO = ["--config", str(DEMO_CONFIG), *QUIET, *TINY_DEMO_ARGS]
 
 
 @pytest.fixture(autouse=True)

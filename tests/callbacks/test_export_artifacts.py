@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from cli_args import QUIET, REPO, TINY_DEMO
 from PIL import Image
 
 from fqvit_pl.callbacks import ExportArtifacts, QuantCalibration, ResultsWriter
@@ -16,21 +16,6 @@ from fqvit_pl.cli import cli_main
 from fqvit_pl.export import load_quantized, save_quantized
 from fqvit_pl.models import create_model
 from fqvit_pl.quant import calibrate
-
-REPO = Path(__file__).resolve().parents[2]
-QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
-TINY_DEMO = [
-    "--model.model_kwargs",
-    '{"img_size": 16, "patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2}',
-    "--data.img_size",
-    "16",
-    "--data.limit",
-    "200",
-    "--data.calib_batch_size",
-    "16",
-    "--data.num_calib_batches",
-    "2",
-]
 
 
 @pytest.fixture(autouse=True)
