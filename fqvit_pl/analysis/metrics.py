@@ -76,15 +76,17 @@ class ErrorStats:
             raise ValueError(
                 f"cannot compare tensors of shapes {tuple(reference.shape)} and {tuple(approximation.shape)}"
             )
-        # float64 dot products: one pass each, no squared temporaries
+        # float64 dot products: one pass each, no squared temporaries; one read back to the host
         x = reference.detach().reshape(-1).double()
         y = approximation.detach().reshape(-1).double()
-        sums = torch.stack([torch.dot(x, x), torch.dot(x, y), torch.dot(y, y)]).tolist()
         difference = x - y  # not in place: .double() of a float64 input is the input itself
-        self.signal += sums[0]
-        self.cross += sums[1]
-        self.approx += sums[2]
-        self.noise += float(torch.dot(difference, difference))
+        signal, cross, approx, noise = torch.stack(
+            [torch.dot(x, x), torch.dot(x, y), torch.dot(y, y), torch.dot(difference, difference)]
+        ).tolist()
+        self.signal += signal
+        self.cross += cross
+        self.approx += approx
+        self.noise += noise
         self.count += x.numel()
 
     @property

@@ -352,28 +352,37 @@ class _Analysis:
             self._sensitivity(inputs, labels, reference)
         self._unit_out = {"float": {}, "quant": {}}
 
+    def _skippable(self, group: str) -> list[str]:
+        """Units of other layers that finish before ``group`` starts and run once per forward:
+        their outputs in the float (quantized) pass are what they compute in an "only" ("all
+        but") pass of ``group``, so they are replayed instead of recomputed."""
+        starts = [self._unit_ticks[u][0] for u in self.units[group] if u in self._unit_ticks]
+        begin = min(starts) if starts else -1
+        return [
+            unit
+            for other, units in self.units.items()
+            if other != group
+            for unit in units
+            if unit in self._unit_ticks
+            and self._unit_calls[unit] == 1
+            and 0 <= self._unit_ticks[unit][1] < begin
+        ]
+
     def _sensitivity(self, inputs: Tensor, labels: Optional[Tensor], reference: Tensor) -> None:
-        for group, names in self.groups.items():
-            members = set(names)
-            starts = [self._unit_ticks[u][0] for u in self.units[group] if u in self._unit_ticks]
-            begin = min(starts) if starts else -1
-            skippable = [
-                unit
-                for other, units in self.units.items()
-                if other != group
-                for unit in units
-                if unit in self._unit_ticks
-                and self._unit_calls[unit] == 1
-                and 0 <= self._unit_ticks[unit][1] < begin
-            ]
-            for mode, quantized, target in (
-                ("float", lambda n: n in members, self.layer_only[group]),
-                ("quant", lambda n: n not in members, self.layer_all_but[group]),
-            ):
-                self._set(quantized)
-                with _Replay(self, skippable, self._unit_out[mode]):
+        # All "only" passes first, then all "all but" passes: consecutive passes then differ in
+        # two layers' switches only, so the other layers keep their cached fake-quantized weights
+        # (a switch drops a weight point's cache).
+        skippable = {group: self._skippable(group) for group in self.groups}
+        for mode, inside, results in (
+            ("float", True, self.layer_only),
+            ("quant", False, self.layer_all_but),
+        ):
+            for group, names in self.groups.items():
+                members = set(names)
+                self._set(lambda n: (n in members) == inside)
+                with _Replay(self, skippable[group], self._unit_out[mode]):
                     logits = self._run("sensitivity", inputs)
-                target.update(reference, logits, labels)
+                results[group].update(reference, logits, labels)
 
     # -- result ---------------------------------------------------------------------------
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from itertools import islice
 from pathlib import Path
 from typing import Any, Optional
@@ -123,16 +124,23 @@ class QuantReport(pl.Callback):
         report["timing"]["calibration_seconds"] = seconds
         folder = Path(self.dir)
         folder.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
         extra = self._table_figure(trainer, pl_module, report, folder)
+        report["timing"]["table_figure_seconds"] = time.perf_counter() - start
         written = write_report(report, folder, extra_figures=extra)
         self.last_report = report
-        analysis = report["timing"]["analysis_seconds"]
-        ratio = (
-            "" if not seconds else f" = {analysis / seconds:.2f}x the calibration ({seconds:.2f} s)"
-        )
+        timing = report["timing"]
+        analysis = timing["analysis_seconds"]
+        total = analysis + timing["table_figure_seconds"] + timing["files_seconds"]
+
+        def ratio(value: float) -> str:
+            return "" if not seconds else f" = {value / seconds:.1f}x the calibration"
+
+        calibrated = "" if not seconds else f"; calibration {seconds:.2f} s"
         rank_zero_info(
-            f"Quantization report written to {written['markdown']} (analysis {analysis:.2f} s{ratio}, "
-            f"figures and files {report['timing']['files_seconds']:.2f} s)"
+            f"Quantization report written to {written['markdown']}: {total:.2f} s{ratio(total)} "
+            f"(analysis {analysis:.2f} s{ratio(analysis)}, figures and files "
+            f"{total - analysis:.2f} s{calibrated})"
         )
         if self.log_images:
             self._log(trainer, report, written)
