@@ -124,7 +124,7 @@ def plot_layernorm_ranges(report: Mapping[str, Any], path: str | Path) -> Option
     channels = max(lo.size for lo in lows)
     rows_height = max(1.2, len(names) * max(0.22, min(0.4, 8.0 / len(names))))
     fig = Figure(figsize=(10.0, 2.3 + rows_height + 1.6))
-    left = max(0.7, _label_inches(labels, 7) + 0.25)
+    left = max(0.7, _label_inches(labels, 7) + 0.6)
     _margins(fig, left=left, top=0.95, bottom=0.45, hspace=0.55 / ((2.3 + rows_height) / 2))
     detail, overview = fig.subplots(2, 1, gridspec_kw={"height_ratios": [2.3, rows_height]})
     lo, hi = lows[widest], highs[widest]
@@ -156,7 +156,14 @@ def plot_layernorm_ranges(report: Mapping[str, Any], path: str | Path) -> Option
     overview.hlines(np.arange(len(names)), -1, channels, color="#999999", linewidth=0.3)
     overview.set_ylim(len(names) - 0.5, -0.5)
     overview.set_xlim(-1, channels)
-    overview.set_yticks(np.arange(len(names)), labels, fontsize=7)
+    magnitudes = [
+        max(float(np.abs(lo).max()), float(np.abs(hi).max())) for lo, hi in zip(lows, highs)
+    ]
+    overview.set_yticks(
+        np.arange(len(names)),
+        [f"{label} (±{m:.3g})" for label, m in zip(labels, magnitudes)],
+        fontsize=7,
+    )
     overview.set_xlabel("channel", fontsize=8)
     overview.set_title(
         "every LayerNorm input, each row scaled to its largest |value| (0 on the thin line)",
@@ -165,8 +172,11 @@ def plot_layernorm_ranges(report: Mapping[str, Any], path: str | Path) -> Option
     for ax in (detail, overview):
         ax.tick_params(labelsize=7)
     handles = [Patch(color=ALPHA_COLORS[a], label=f"PTF α={a} (scale s·2^{a})") for a in range(4)]
+    no_ptf = Patch(color="#7f7f7f", label="no PTF (one scale for all channels)")
     if not any_ptf:
-        handles = [Patch(color="#7f7f7f", label="no PTF (one scale for all channels)")]
+        handles = [no_ptf]
+    elif any(entries[n].get("ptf_alpha") is None for n in names):
+        handles.append(no_ptf)
     fig.legend(
         handles=handles,
         loc="upper center",
