@@ -47,6 +47,9 @@ class QuantReport(pl.Callback):
         chunk_size: images analyzed at once (memory: every point's float output of a chunk).
         during_fit: also write it after the validation epochs of ``fit`` (each one overwrites it).
         log_images: send the figures to the trainer's loggers.
+        figures: draw the PNG figures; ``False`` writes report.json and report.md only (the
+            figures cost several times the analysis on small networks, see
+            ``benchmarks/report_time.py``).
 
     Attributes:
         last_report: the dict of the last report written, ``None`` before.
@@ -60,6 +63,7 @@ class QuantReport(pl.Callback):
         chunk_size: int = 32,
         during_fit: bool = False,
         log_images: bool = True,
+        figures: bool = True,
     ) -> None:
         if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
             raise ValueError(
@@ -71,6 +75,7 @@ class QuantReport(pl.Callback):
         self.chunk_size = chunk_size
         self.during_fit = during_fit
         self.log_images = log_images
+        self.figures = figures
         self.last_report: Optional[dict[str, Any]] = None
 
     @override
@@ -125,9 +130,9 @@ class QuantReport(pl.Callback):
         folder = Path(self.dir)
         folder.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
-        extra = self._table_figure(trainer, pl_module, report, folder)
+        extra = self._table_figure(trainer, pl_module, report, folder) if self.figures else {}
         report["timing"]["table_figure_seconds"] = time.perf_counter() - start
-        written = write_report(report, folder, extra_figures=extra)
+        written = write_report(report, folder, figures=self.figures, extra_figures=extra)
         self.last_report = report
         timing = report["timing"]
         analysis = timing["analysis_seconds"]
