@@ -9,6 +9,7 @@ each would repeat the ticks, minor ticks are off, and the PNGs are compressed li
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
@@ -16,7 +17,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
-from matplotlib.ticker import NullLocator
+from matplotlib.ticker import FuncFormatter, NullLocator
 
 from .metrics import lis_levels, uniform_levels
 
@@ -70,6 +71,19 @@ def _margins(
         hspace=hspace,
         wspace=wspace,
     )
+
+
+_SUPERSCRIPT = str.maketrans("-0123456789", "⁻⁰¹²³⁴⁵⁶⁷⁸⁹")
+
+
+def _power_of_ten(value: float, _position: Any = None) -> str:
+    """Tick label ``10⁻⁴`` in plain text (mathtext, matplotlib's default, is parsed per label)."""
+    if value <= 0:
+        return ""
+    exponent = math.log10(value)
+    if abs(exponent - round(exponent)) > 1e-9:
+        return f"{value:.3g}"
+    return "1" if round(exponent) == 0 else "10" + str(round(exponent)).translate(_SUPERSCRIPT)
 
 
 def _label_inches(labels: Sequence[str], fontsize: float) -> float:
@@ -223,17 +237,33 @@ def plot_attention(report: Mapping[str, Any], path: str | Path) -> Optional[Path
     inner = 13 - 0.75 - 0.25
     _margins(fig, left=0.75, top=0.35, bottom=0.55, wspace=2 * gap / (inner - gap))
     ax, bars = fig.subplots(1, 2, width_ratios=[2.2, 1])
-    ax.stairs(counts, edges, fill=True, color="#9ecae1", label="attention probabilities")
+    # the histogram as one filled step polygon (empty bins at 0.5, under the axis)
+    heights = np.repeat(np.where(counts > 0, counts, 0.5), 2)
+    ax.fill(
+        np.concatenate([[edges[0]], np.repeat(edges, 2)[1:-1], [edges[-1]]]),
+        np.concatenate([[0.5], heights, [0.5]]),
+        color="#9ecae1",
+        linewidth=0,
+    )
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlim(min(lo, 2.0**-16) / 1.5, 1.3)
-    ax.xaxis.set_minor_locator(NullLocator())
-    ax.yaxis.set_minor_locator(NullLocator())
     ax.set_ylim(0.8, max(counts.max(), 1.0) * 3)
-    for level in lis_levels(bits):
-        ax.axvline(level, color="#d62728", linewidth=0.9, alpha=0.8)
-    for level in uniform_levels(bits)[1:]:
-        ax.axvline(level, color="#2ca02c", linewidth=0.9, linestyle="--", alpha=0.9)
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_minor_locator(NullLocator())
+        axis.set_major_formatter(FuncFormatter(_power_of_ten))
+    on_x = ax.get_xaxis_transform()  # x in data, y in axes fraction: lines span the height
+    ax.vlines(lis_levels(bits), 0, 1, transform=on_x, color="#d62728", linewidth=0.9, alpha=0.8)
+    ax.vlines(
+        uniform_levels(bits)[1:],
+        0,
+        1,
+        transform=on_x,
+        color="#2ca02c",
+        linewidth=0.9,
+        linestyle="--",
+        alpha=0.9,
+    )
     ax.axvspan(ax.get_xlim()[0], flush, color="#d62728", alpha=0.08)
     ax.axvspan(ax.get_xlim()[0], uniform_levels(bits)[1] / 2, color="#2ca02c", alpha=0.08)
     ax.set_xlabel("attention probability (log scale)")

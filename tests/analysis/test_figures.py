@@ -51,3 +51,13 @@ def test_sqnr_figure_with_exact_and_unknown_points(tmp_path):
     }
     path = plot_sqnr({"points": points}, tmp_path / "sqnr.png")
     assert path.read_bytes()[:8] == PNG
+
+
+def test_power_of_ten_labels_are_plain_text():
+    from fqvit_pl.analysis.figures import _power_of_ten
+
+    assert _power_of_ten(1e-4) == "10⁻⁴"
+    assert _power_of_ten(100.0) == "10²"
+    assert _power_of_ten(1.0) == "1"
+    assert _power_of_ten(0.3) == "0.3"
+    assert _power_of_ten(0.0) == ""
