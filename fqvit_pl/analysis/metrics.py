@@ -145,14 +145,33 @@ def channel_min_max(x: Tensor, *, weight: bool = False) -> tuple[Tensor, Tensor]
 
 
 def clipped_counts(
-    x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, *, weight: bool = False
+    x: Tensor,
+    scale: Tensor,
+    zero_point: Tensor,
+    qmin: int,
+    qmax: int,
+    *,
+    weight: bool = False,
+    bounds: Optional[tuple[Tensor, Tensor]] = None,
 ) -> Tensor:
     """Number of values that the clamp of §4 moves: ``round(x / s + zp)`` outside ``[qmin, qmax]``.
 
     ``scale``/``zero_point`` are ``[C]`` (per channel: returns int64 ``[C]`` counts over ``x``'s
     channels, §3 layout) or ``[]`` (per tensor: returns ``[1]``, all values). The codes are
     computed in float32 as the fake quantizer does.
+
+    ``bounds``: the minimum and maximum of ``x`` (``[C]`` per channel, ``[1]`` per tensor), when
+    already known. The code is monotonic in ``x`` (``s > 0``; division, addition and rounding are
+    monotonic), so when the codes of the bounds lie in ``[qmin, qmax]`` no value is clipped and
+    the counts are 0 without a pass over ``x``.
     """
+    channels = scale.numel() if scale.dim() else 1
+    if bounds is not None and all(b.numel() == channels for b in bounds):
+        low, high = (b.detach().float().reshape(scale.shape) for b in bounds)
+        code_low = (low / scale.float()).add_(zero_point.float()).round_()
+        code_high = (high / scale.float()).add_(zero_point.float()).round_()
+        if bool((code_low >= qmin).all()) and bool((code_high <= qmax).all()):
+            return torch.zeros(channels, dtype=torch.long, device=x.device)
     x = x.detach().float()
     codes = x / channel_view(scale.float(), x, weight=weight)
     codes.add_(channel_view(zero_point.float(), x, weight=weight)).round_()

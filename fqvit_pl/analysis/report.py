@@ -263,7 +263,7 @@ class _Analysis:
             return
         bit_type = module.config.bit_type
         clipped = clipped_counts(
-            x, scale, zero_point, bit_type.lower, bit_type.upper, weight=weight
+            x, scale, zero_point, bit_type.lower, bit_type.upper, weight=weight, bounds=(low, high)
         ).cpu()
         per_channel = torch.full_like(clipped, x.numel() // clipped.numel())
         stats.clipped = clipped if stats.clipped is None else stats.clipped + clipped

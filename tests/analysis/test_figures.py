@@ -2,7 +2,12 @@
 
 import numpy as np
 
-from fqvit_pl.analysis.figures import _layer_spans, plot_layernorm_ranges, plot_sqnr
+from fqvit_pl.analysis.figures import (
+    _layer_spans,
+    _power_of_ten,
+    plot_layernorm_ranges,
+    plot_sqnr,
+)
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -54,8 +59,6 @@ def test_sqnr_figure_with_exact_and_unknown_points(tmp_path):
 
 
 def test_power_of_ten_labels_are_plain_text():
-    from fqvit_pl.analysis.figures import _power_of_ten
-
     assert _power_of_ten(1e-4) == "10⁻⁴"
     assert _power_of_ten(100.0) == "10²"
     assert _power_of_ten(1.0) == "1"
