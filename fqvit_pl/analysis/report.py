@@ -11,9 +11,9 @@ Passes per chunk of images (at most ``chunk_size``):
    histograms).
 2. **quantized** (every module on): each point's output is compared with its float output
    ("accumulated" error: its own error plus everything upstream).
-3. **sensitivity** (optional): per layer, only that layer quantized, then all but that layer.
-   Modules that run before the layer are not recomputed: their outputs from pass 1 (resp. 2)
-   are reused, which are exactly what they would compute.
+3. **sensitivity** (optional): per layer, only that layer quantized; then per layer, all but
+   that layer. Modules that run before the layer are not recomputed: their outputs from pass 1
+   (resp. 2) are reused, which are exactly what they would compute.
 """
 
 from __future__ import annotations
