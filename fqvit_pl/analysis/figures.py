@@ -404,11 +404,15 @@ def plot_sqnr(report: Mapping[str, Any], path: str | Path) -> Optional[Path]:
         spans = _layer_spans([e.get("layer") for e in entries])
         for _, first, _ in spans[1:]:
             ax.axvline(first - 0.5, color="#bbbbbb", linewidth=0.6)
+        slot = (width - 0.95) / len(items)  # inches per point
+        fits = all(
+            _label_inches([layer], 8) <= (last - first + 1) * slot for layer, first, last in spans
+        )
         ax.set_xticks(
             [(first + last) / 2 for _, first, last in spans],
             [layer for layer, _, _ in spans],
-            rotation=0 if len(spans) <= 16 else 30,
-            ha="center" if len(spans) <= 16 else "right",
+            rotation=0 if fits else 30,
+            ha="center" if fits else "right",
             fontsize=8,
         )
         ax.tick_params(axis="x", length=0)
