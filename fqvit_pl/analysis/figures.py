@@ -147,7 +147,7 @@ def plot_layernorm_ranges(report: Mapping[str, Any], path: str | Path) -> Option
     alpha = entries[names[widest]].get("ptf_alpha")
     detail.vlines(x, lo, hi, colors=_alpha_colors(alpha, lo.size), linewidth=1.2)
     detail.axhline(0.0, color="black", linewidth=0.5)
-    detail.set_xlim(-1, channels)
+    detail.set_xlim(-1, lo.size)
     detail.set_ylabel("input value", fontsize=8)
     detail.set_title(
         f"{labels[widest]}: the widest channel range is {spreads[widest]:.0f}× the narrowest",
