@@ -76,15 +76,17 @@ class ErrorStats:
             raise ValueError(
                 f"cannot compare tensors of shapes {tuple(reference.shape)} and {tuple(approximation.shape)}"
             )
-        # float64 dot products: one pass each, no squared temporaries
+        # float64 dot products: one pass each, no squared temporaries; one read back to the host
         x = reference.detach().reshape(-1).double()
         y = approximation.detach().reshape(-1).double()
-        sums = torch.stack([torch.dot(x, x), torch.dot(x, y), torch.dot(y, y)]).tolist()
         difference = x - y  # not in place: .double() of a float64 input is the input itself
-        self.signal += sums[0]
-        self.cross += sums[1]
-        self.approx += sums[2]
-        self.noise += float(torch.dot(difference, difference))
+        signal, cross, approx, noise = torch.stack(
+            [torch.dot(x, x), torch.dot(x, y), torch.dot(y, y), torch.dot(difference, difference)]
+        ).tolist()
+        self.signal += signal
+        self.cross += cross
+        self.approx += approx
+        self.noise += noise
         self.count += x.numel()
 
     @property
@@ -143,14 +145,33 @@ def channel_min_max(x: Tensor, *, weight: bool = False) -> tuple[Tensor, Tensor]
 
 
 def clipped_counts(
-    x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, *, weight: bool = False
+    x: Tensor,
+    scale: Tensor,
+    zero_point: Tensor,
+    qmin: int,
+    qmax: int,
+    *,
+    weight: bool = False,
+    bounds: Optional[tuple[Tensor, Tensor]] = None,
 ) -> Tensor:
     """Number of values that the clamp of §4 moves: ``round(x / s + zp)`` outside ``[qmin, qmax]``.
 
     ``scale``/``zero_point`` are ``[C]`` (per channel: returns int64 ``[C]`` counts over ``x``'s
     channels, §3 layout) or ``[]`` (per tensor: returns ``[1]``, all values). The codes are
     computed in float32 as the fake quantizer does.
+
+    ``bounds``: the minimum and maximum of ``x`` (``[C]`` per channel, ``[1]`` per tensor), when
+    already known. The code is monotonic in ``x`` (``s > 0``; division, addition and rounding are
+    monotonic), so when the codes of the bounds lie in ``[qmin, qmax]`` no value is clipped and
+    the counts are 0 without a pass over ``x``.
     """
+    channels = scale.numel() if scale.dim() else 1
+    if bounds is not None and all(b.numel() == channels for b in bounds):
+        low, high = (b.detach().float().reshape(scale.shape) for b in bounds)
+        code_low = (low / scale.float()).add_(zero_point.float()).round_()
+        code_high = (high / scale.float()).add_(zero_point.float()).round_()
+        if bool((code_low >= qmin).all()) and bool((code_high <= qmax).all()):
+            return torch.zeros(channels, dtype=torch.long, device=x.device)
     x = x.detach().float()
     codes = x / channel_view(scale.float(), x, weight=weight)
     codes.add_(channel_view(zero_point.float(), x, weight=weight)).round_()

@@ -11,9 +11,9 @@ Passes per chunk of images (at most ``chunk_size``):
    histograms).
 2. **quantized** (every module on): each point's output is compared with its float output
    ("accumulated" error: its own error plus everything upstream).
-3. **sensitivity** (optional): per layer, only that layer quantized, then all but that layer.
-   Modules that run before the layer are not recomputed: their outputs from pass 1 (resp. 2)
-   are reused, which are exactly what they would compute.
+3. **sensitivity** (optional): per layer, only that layer quantized; then per layer, all but
+   that layer. Modules that run before the layer are not recomputed: their outputs from pass 1
+   (resp. 2) are reused, which are exactly what they would compute.
 """
 
 from __future__ import annotations
@@ -263,7 +263,7 @@ class _Analysis:
             return
         bit_type = module.config.bit_type
         clipped = clipped_counts(
-            x, scale, zero_point, bit_type.lower, bit_type.upper, weight=weight
+            x, scale, zero_point, bit_type.lower, bit_type.upper, weight=weight, bounds=(low, high)
         ).cpu()
         per_channel = torch.full_like(clipped, x.numel() // clipped.numel())
         stats.clipped = clipped if stats.clipped is None else stats.clipped + clipped
@@ -352,28 +352,37 @@ class _Analysis:
             self._sensitivity(inputs, labels, reference)
         self._unit_out = {"float": {}, "quant": {}}
 
+    def _skippable(self, group: str) -> list[str]:
+        """Units of other layers that finish before ``group`` starts and run once per forward:
+        their outputs in the float (quantized) pass are what they compute in an "only" ("all
+        but") pass of ``group``, so they are replayed instead of recomputed."""
+        starts = [self._unit_ticks[u][0] for u in self.units[group] if u in self._unit_ticks]
+        begin = min(starts) if starts else -1
+        return [
+            unit
+            for other, units in self.units.items()
+            if other != group
+            for unit in units
+            if unit in self._unit_ticks
+            and self._unit_calls[unit] == 1
+            and 0 <= self._unit_ticks[unit][1] < begin
+        ]
+
     def _sensitivity(self, inputs: Tensor, labels: Optional[Tensor], reference: Tensor) -> None:
-        for group, names in self.groups.items():
-            members = set(names)
-            starts = [self._unit_ticks[u][0] for u in self.units[group] if u in self._unit_ticks]
-            begin = min(starts) if starts else -1
-            skippable = [
-                unit
-                for other, units in self.units.items()
-                if other != group
-                for unit in units
-                if unit in self._unit_ticks
-                and self._unit_calls[unit] == 1
-                and 0 <= self._unit_ticks[unit][1] < begin
-            ]
-            for mode, quantized, target in (
-                ("float", lambda n: n in members, self.layer_only[group]),
-                ("quant", lambda n: n not in members, self.layer_all_but[group]),
-            ):
-                self._set(quantized)
-                with _Replay(self, skippable, self._unit_out[mode]):
+        # All "only" passes first, then all "all but" passes: consecutive passes then differ in
+        # two layers' switches only, so the other layers keep their cached fake-quantized weights
+        # (a switch drops a weight point's cache).
+        skippable = {group: self._skippable(group) for group in self.groups}
+        for mode, inside, results in (
+            ("float", True, self.layer_only),
+            ("quant", False, self.layer_all_but),
+        ):
+            for group, names in self.groups.items():
+                members = set(names)
+                self._set(lambda n: (n in members) == inside)
+                with _Replay(self, skippable[group], self._unit_out[mode]):
                     logits = self._run("sensitivity", inputs)
-                target.update(reference, logits, labels)
+                results[group].update(reference, logits, labels)
 
     # -- result ---------------------------------------------------------------------------
 

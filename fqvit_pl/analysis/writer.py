@@ -174,7 +174,7 @@ def render_markdown(report: Mapping[str, Any], title: Optional[str] = None) -> s
             "Analysis "
             + _num(timing.get("analysis_seconds"), 2, " s")
             + (
-                f", files {timing['files_seconds']:.2f} s"
+                f", figures and files {timing['files_seconds'] + (timing.get('table_figure_seconds') or 0.0):.2f} s"
                 if timing.get("files_seconds") is not None
                 else ""
             )

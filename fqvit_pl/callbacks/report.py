@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from itertools import islice
 from pathlib import Path
 from typing import Any, Optional
@@ -46,6 +47,9 @@ class QuantReport(pl.Callback):
         chunk_size: images analyzed at once (memory: every point's float output of a chunk).
         during_fit: also write it after the validation epochs of ``fit`` (each one overwrites it).
         log_images: send the figures to the trainer's loggers.
+        figures: draw the PNG figures; ``False`` writes report.json and report.md only (the
+            figures cost several times the analysis on small networks, see
+            ``benchmarks/report_time.py``).
 
     Attributes:
         last_report: the dict of the last report written, ``None`` before.
@@ -59,6 +63,7 @@ class QuantReport(pl.Callback):
         chunk_size: int = 32,
         during_fit: bool = False,
         log_images: bool = True,
+        figures: bool = True,
     ) -> None:
         if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
             raise ValueError(
@@ -70,6 +75,7 @@ class QuantReport(pl.Callback):
         self.chunk_size = chunk_size
         self.during_fit = during_fit
         self.log_images = log_images
+        self.figures = figures
         self.last_report: Optional[dict[str, Any]] = None
 
     @override
@@ -123,16 +129,23 @@ class QuantReport(pl.Callback):
         report["timing"]["calibration_seconds"] = seconds
         folder = Path(self.dir)
         folder.mkdir(parents=True, exist_ok=True)
-        extra = self._table_figure(trainer, pl_module, report, folder)
-        written = write_report(report, folder, extra_figures=extra)
+        start = time.perf_counter()
+        extra = self._table_figure(trainer, pl_module, report, folder) if self.figures else {}
+        report["timing"]["table_figure_seconds"] = time.perf_counter() - start
+        written = write_report(report, folder, figures=self.figures, extra_figures=extra)
         self.last_report = report
-        analysis = report["timing"]["analysis_seconds"]
-        ratio = (
-            "" if not seconds else f" = {analysis / seconds:.2f}x the calibration ({seconds:.2f} s)"
-        )
+        timing = report["timing"]
+        analysis = timing["analysis_seconds"]
+        total = analysis + timing["table_figure_seconds"] + timing["files_seconds"]
+
+        def ratio(value: float) -> str:
+            return "" if not seconds else f" = {value / seconds:.1f}x the calibration"
+
+        calibrated = "" if not seconds else f"; calibration {seconds:.2f} s"
         rank_zero_info(
-            f"Quantization report written to {written['markdown']} (analysis {analysis:.2f} s{ratio}, "
-            f"figures and files {report['timing']['files_seconds']:.2f} s)"
+            f"Quantization report written to {written['markdown']}: {total:.2f} s{ratio(total)} "
+            f"(analysis {analysis:.2f} s{ratio(analysis)}, figures and files "
+            f"{total - analysis:.2f} s{calibrated})"
         )
         if self.log_images:
             self._log(trainer, report, written)

@@ -73,6 +73,29 @@ def test_clipped_counts_count_codes_outside_the_grid():
     assert per_channel.tolist() == [1, 0, 1, 1]
 
 
+@pytest.mark.parametrize("weight", [False, True])
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("spread", [0.5, 1.0, 1.6])  # inside the grid, at its edge, beyond it
+def test_clipped_counts_from_known_bounds_equal_the_pass_over_every_value(
+    weight, per_channel, spread
+):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 5, 8, generator=g) if not weight else torch.randn(8, 5, 6, generator=g)
+    channels = 8
+    scale = torch.full((channels,), 0.02) if per_channel else torch.tensor(0.02)
+    zero_point = torch.full((channels,), 128.0) if per_channel else torch.tensor(128.0)
+    # values exactly at the rounding edge of the first and last code (-128.5 s, 127.5 s) and beyond
+    x = x / x.abs().max() * (127.5 * 0.02) * spread
+    low, high = channel_min_max(x, weight=weight)
+    if not per_channel:
+        low, high = low.min().reshape(1), high.max().reshape(1)
+    full = clipped_counts(x, scale, zero_point, 0, 255, weight=weight)
+    fast = clipped_counts(x, scale, zero_point, 0, 255, weight=weight, bounds=(low, high))
+    assert torch.equal(fast, full)
+    if spread != 1.0:  # at the edge itself, rounding half to even decides
+        assert (full.sum() > 0) == (spread > 1.0)
+
+
 def test_lis_levels_and_flush_threshold_follow_section_8():
     assert lis_levels(4) == [2.0**-r for r in range(16)]
     threshold = lis_flush_threshold(4)

@@ -109,3 +109,17 @@ def test_no_folder_no_report_and_uncalibrated_module_warns(tmp_path):
     assert not (tmp_path / "r").exists()
     with pytest.raises(ValueError, match="num_batches"):
         QuantReport("x", num_batches=0)
+
+
+def test_without_figures_only_json_and_markdown(tmp_path):
+    module, data = _parts()
+    logger = ImageLogger()
+    report = QuantReport(str(tmp_path / "report"), figures=False)
+    writer = ResultsWriter(str(tmp_path / "results.csv"))
+    _trainer([writer, QuantCalibration(), report], logger).validate(
+        module, datamodule=data, verbose=False
+    )
+    folder = tmp_path / "report"
+    assert sorted(p.name for p in folder.iterdir()) == ["report.json", "report.md"]
+    assert report.last_report["figures"] == {}
+    assert logger.images == {} and "quant_report/fp_agreement" in logger.metrics
