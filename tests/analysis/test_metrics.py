@@ -64,8 +64,11 @@ def test_clipped_counts_count_codes_outside_the_grid():
     # scale 1, zero point 10, uint8: codes x + 10; outside [0, 255] below -10.5 and above 245.5
     x = torch.tensor([[-11.0, -10.5, -10.4, 0.0], [245.4, 245.5, 245.6, 300.0]])
     counts = clipped_counts(x.t(), torch.tensor(1.0), torch.tensor(10.0), 0, 255)
-    # round half to even: -10.5 + 10 = -0.5 -> -0 (kept); 245.5 + 10 = 255.5 -> 256 (clipped)
-    assert counts.tolist() == [1, 0, 0, 1, 0, 1, 1, 1][0:0] or counts.sum().item() == 4
+    # round half to even: -10.5 + 10 = -0.5 -> -0 (kept); 245.5 + 10 = 255.5 -> 256 (clipped);
+    # clipped: -11, 245.5, 245.6, 300 (per tensor: one count over all values)
+    assert counts.tolist() == [4]
+    per_channel = clipped_counts(x.t(), torch.ones(2), torch.full((2,), 10.0), 0, 255)
+    assert per_channel.tolist() == [1, 3]  # channels = last dim: the two rows of x
     per_channel = clipped_counts(
         x, torch.tensor([1.0, 2.0, 1.0, 1.0]), torch.tensor([10.0, 10.0, 10.0, 10.0]), 0, 255
     )
