@@ -83,7 +83,6 @@ def test_onnx_runtime_computes_the_integer_model_bit_for_bit_per_image(case, mon
 def test_int64_log_int_softmax_path_equals_the_integer_model(name, monkeypatch):
     """Where the row sum may pass 2**53 (large score tables, long rows) both sides divide in int64."""
     monkeypatch.setattr(torch, "sqrt", _ieee_sqrt)
-    monkeypatch.setattr("fqvit_pl.export.onnx_graph.FLOAT64_EXACT", 0.0)
     integer = to_integer(calibrated(name)).set_backend("int_mm")
     for module in integer.modules():
         if getattr(module, "lis", False):
