@@ -76,7 +76,9 @@ def test_ptf_power_is_two_to_the_clamped_exponent():
         np.array([0.0, np.inf, 1e-45], np.float32),
     ])  # fmt: skip
     values = np.concatenate([values, -values]).astype(np.float32)
-    out = _run(lambda ex, names: ex._ptf_power(names[0], 7), {"a": values})
+    out = _run(lambda ex, names: ex._ptf_power(names[0], 7)[0], {"a": values})
+    inverse = _run(lambda ex, names: ex._ptf_power(names[0], 7)[1], {"a": values})
+    assert np.array_equal(inverse, (1 / out.astype(np.float64)).astype(np.float32))
 
     def expected(a: float) -> float:
         if a == 0:
@@ -90,6 +92,12 @@ def test_ptf_power_is_two_to_the_clamped_exponent():
 
 
 # -- Log-Int-Softmax -----------------------------------------------------------------------------
+
+
+def test_power_of_two_is_exact():
+    k = np.arange(0, 101, dtype=np.float32)  # Veltkamp's product overflows past 2**104
+    out = _run(lambda ex, names: ex._power_of_two(names[0]), {"k": k})
+    assert out.tolist() == [2.0**i for i in range(101)]
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
