@@ -52,7 +52,9 @@ def unit_gain(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     for module in model.modules():
         if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
             fan_in = module.weight[0].numel()
-            module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * fan_in**-0.5)
+            module.weight.copy_(
+                torch.randn(module.weight.shape, generator=generator) * fan_in**-0.5
+            )
             if module.bias is not None:
                 module.bias.copy_(torch.randn(module.bias.shape, generator=generator) * 0.1)
         elif isinstance(module, torch.nn.LayerNorm):

@@ -11,12 +11,16 @@ Two forms. ``exact=True`` (default) computes the integer model's arithmetic oper
 - ``q @ k^T`` and (without LIS) ``attn @ V``: ``MatMulInteger`` on the codes, zero points as its
   inputs. With LIS, ``attn @ V`` multiplies the probabilities ``2**-r`` by ``c_v - zp_v`` in
   float32, exact (the proof in :class:`fqvit_pl.quant.integer.IntegerAttention`).
-- Log-Int-Softmax (§8): int32 codes, row maximum, the layer's integer exponential as a table
-  (``Gather``), the row sum, ``round(S / e)`` in float64 (exact), and the 4-bit log rounding as a
-  second table indexed by ``min(y, 3 * 2**(2**b - 2))``.
-- PTF LayerNorm (§7): ``x_q`` in int32, ``sum`` and ``sum of squares`` in int64, the per-token
-  multiplier and offset by the contract's float32 formula, ``round((M x_q + B) / 2**N)`` exact in
-  float64, clamp to the next point's codes.
+- Log-Int-Softmax (§8) in elementwise operators only (ONNX Runtime's ``Gather`` costs as much as
+  ~50 elementwise passes): the I-BERT exponential in float32 operation for operation as the
+  integer model's table was built (every ``e`` a float32, exact), the row sum and
+  ``round(S / e)`` in float64 where ``max(e) * N < 2**52`` (else int64, as the integer model),
+  and the 4-bit log rounding as ``y`` rounded to one significant bit (Veltkamp's split), giving
+  ``2**(15 - r)`` for ``attn @ V`` in float32 (exact, ``2**-15 s_v`` folded into its scale).
+- PTF LayerNorm (§7): ``x_q`` in float32 (integers below 2**12), the row sum and the sum of squares
+  exact (float32 below 2**24, else float64), the per-token multiplier and offset by the contract's
+  float32 formula (``2**N`` by Veltkamp's split, no ``Log``/``Pow``), ``round((M x_q + B) / 2**N)``
+  exact in float64, and ``QuantizeLinear`` (scale 1) for the zero point and the clamp.
 - GELU, the residual additions, the Swin pooling and the logits in float, as in the integer model.
 
 ``exact=False`` is the fast form: QDQ patterns ONNX Runtime fuses (``QGemm`` with the int32 bias,
@@ -373,14 +377,13 @@ class _Exporter:
         return power, g.op("Mul", [floor_power, g.const(np.array(2.0 ** -(bits + 1), f32))])
 
     def gelu(self, x: str) -> str:
+        """Exact (erf) GELU in the pattern ONNX Runtime fuses into one ``Gelu`` kernel (which computes
+        ``x * 0.5 * (1 + erf(x * sqrt(0.5)))``, the unfused graph's values: the same logits on the
+        test models, bit for bit)."""
         g, f32 = self.g, np.float32
-        if self.fast:  # the pattern ONNX Runtime fuses into one Gelu kernel
-            erf = g.op("Erf", [g.op("Div", [x, g.const(np.array(math.sqrt(2.0), f32))])])
-            y = g.op("Mul", [x, g.op("Add", [erf, g.const(np.array(1.0, f32))])])
-            return g.op("Mul", [y, g.const(np.array(0.5, f32))])
-        erf = g.op("Erf", [g.op("Mul", [x, g.const(np.array(math.sqrt(0.5), f32))])])
-        half_x = g.op("Mul", [x, g.const(np.array(0.5, f32))])
-        return g.op("Mul", [half_x, g.op("Add", [erf, g.const(np.array(1.0, f32))])])
+        erf = g.op("Erf", [g.op("Div", [x, g.const(np.array(math.sqrt(2.0), f32))])])
+        y = g.op("Mul", [x, g.op("Add", [erf, g.const(np.array(1.0, f32))])])
+        return g.op("Mul", [y, g.const(np.array(0.5, f32))])
 
     def residual(
         self, x: str, x_point: nn.Module, branch: str, branch_point: nn.Module, out: nn.Module
@@ -731,11 +734,11 @@ def export_onnx(
 ) -> Any:
     """The ONNX graph (``onnx.ModelProto``) of ``model``'s integer model; written to ``path`` if given.
 
-    ``exact=True`` (default, ~0.3-0.4x timm's float graph in ONNX Runtime on this project's CPU):
-    the integer model's arithmetic operation for operation (integer PTF LayerNorm, the §8 integer
-    exponential and division), bit for bit given the same GEMM results.
+    ``exact=True`` (default; 0.6-0.7x timm's float graph in ONNX Runtime on this project's CPU,
+    ``benchmarks/onnx_speed.py``): the integer model's arithmetic operation for operation (integer
+    PTF LayerNorm, the §8 integer exponential and division), bit for bit given the same GEMM results.
 
-    ``exact=False`` (fast, ~1.5x float): QDQ patterns that ONNX Runtime fuses into ``QGemm`` and
+    ``exact=False`` (fast, 1.35-1.75x float): QDQ patterns that ONNX Runtime fuses into ``QGemm`` and
     ``QLinearMatMul``, ``QuantizeLinear`` rounding ``x / s`` then adding the zero point, float32
     ``LayerNormalization`` on the dequantized PTF codes and Log-Int-Softmax's rounding of
     ``log2(1 / p)`` from ``LogSoftmax``. Its logits differ from the integer model's by about the
