@@ -9,15 +9,16 @@ is the median over repetitions of the ratio of the two runs timed back to back. 
 int8 safetensors artifact against the float safetensors file, both ONNX files, and the integer GEMM
 kernels ONNX Runtime kept in its optimized graph.
 
-Weights are random, calibrated on random images (no download): timm's initialization (default) or
-``--weights unit`` (unit-gain Linear weights, LayerNorm gains around 1: score ranges like a trained
-network's). Speed depends on the values only in the exact form's Log-Int-Softmax, which divides in
-int64 where a row's exponentials may sum past 2**52 (small score scales: timm's initialization).
+Weights are random, calibrated on random images (no download): ``--weights unit`` (default:
+unit-gain Linear weights, LayerNorm gains around 1, score ranges like a trained network's) or
+``--weights timm`` (timm's initialization, tiny weights). Speed depends on the values only in the
+exact form's Log-Int-Softmax, which divides in int64 where a row's exponentials may sum past 2**52
+(small score scales: timm's initialization).
 
     python benchmarks/onnx_speed.py                                # deit_tiny, batch 8, 2 threads
     python benchmarks/onnx_speed.py --models deit_tiny swin_tiny --reps 7
     python benchmarks/onnx_speed.py --profile                      # + time per ONNX op type
-    python benchmarks/onnx_speed.py --form exact --weights unit    # the bit-exact graph
+    python benchmarks/onnx_speed.py --form exact                   # the bit-exact graph
 """
 
 from __future__ import annotations
@@ -210,7 +211,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     )
     parser.add_argument("--gemm", choices=["u8s8", "u8u8"], default="u8s8", help="export_onnx gemm")
     parser.add_argument(
-        "--weights", choices=["timm", "unit"], default="timm", help="random weights: see above"
+        "--weights", choices=["unit", "timm"], default="unit", help="random weights: see above"
     )
     parser.add_argument("--json", help="write the rows to this file")
     args = parser.parse_args(argv)

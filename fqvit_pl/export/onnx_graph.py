@@ -377,9 +377,8 @@ class _Exporter:
         return power, g.op("Mul", [floor_power, g.const(np.array(2.0 ** -(bits + 1), f32))])
 
     def gelu(self, x: str) -> str:
-        """Exact (erf) GELU in the pattern ONNX Runtime fuses into one ``Gelu`` kernel (which computes
-        ``x * 0.5 * (1 + erf(x * sqrt(0.5)))``, the unfused graph's values: the same logits on the
-        test models, bit for bit)."""
+        """Exact (erf) GELU in the pattern ONNX Runtime fuses into one ``Gelu`` kernel (the exported
+        test models give the same logits, bit for bit, as with ``x * sqrt(0.5)`` unfused)."""
         g, f32 = self.g, np.float32
         erf = g.op("Erf", [g.op("Div", [x, g.const(np.array(math.sqrt(2.0), f32))])])
         y = g.op("Mul", [x, g.op("Add", [erf, g.const(np.array(1.0, f32))])])
