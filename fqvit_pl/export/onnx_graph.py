@@ -396,7 +396,9 @@ class _Exporter:
         hidden = self.quantize(self.gelu(self.linear(codes, in_point, mlp.fc1)), mlp.act_point)
         return self.codes_out(hidden, mlp.act_point, mlp.fc2, mlp.fc2_point)
 
-    def log_int_softmax(self, scores: str, attn: nn.Module, mask: Tensor | None) -> str:
+    def log_int_softmax(
+        self, scores: str, attn: nn.Module, mask: np.ndarray | None, tokens: int
+    ) -> str:
         """§8 on the uint8 score codes ``[..., N]`` → ``2**(L-1) * p`` as float32 (``L = 2**bits``).
 
         Bit for bit the integer model's table lookups (:func:`kernels.log_int_softmax_codes`), in
@@ -408,8 +410,8 @@ class _Exporter:
           ``c - max c`` for the exact one), so every ``e`` is the table's entry; ``e`` is a float32
           times a power of two, floored: a float32, exact. A masked pair (Swin) gets ``-1e9``,
           clamped to ``n * x0`` as the table's saturated entry;
-        - ``y = round(S / e)``: float64 as the integer model where ``max(e) * N < 2**52``
-          (:meth:`_lis_quotient_int64` otherwise, int64 as the integer model);
+        - ``y = round(S / e)``: float64 where ``max(e) * tokens < 2**52`` and the integer model
+          says so (:meth:`_lis_quotient_int64` otherwise, int64 as the integer model);
         - the log rounding: ``2**r`` is ``y`` rounded to the nearest power of two, ties up
           (``y >= 1.5 * 2**floor(log2 y)``), which Veltkamp's split with ``sigma = 2**23 + 1`` gives
           exactly in float32 for integers ``y <= 2**L`` (checked for every such ``y`` in the
@@ -438,7 +440,10 @@ class _Exporter:
         power = self._power_of_two(g.op("Sub", [g.const(np.array(n, f32)), q]))
         e = g.op("Max", [g.op("Floor", [g.op("Mul", [z, power])]), g.const(np.array(0.0, f32))])
         levels = 2**attn.softmax_bits
-        if attn.exact_float64:
+        # float64 holds every row sum S <= tokens * max(e) exactly below 2**52 and rounds S / e as
+        # the exact quotient (kernels.log_int_softmax_codes); the integer model's own choice wins
+        # where it divides in int64 (exact either way)
+        if attn.exact_float64 and float(attn.lis_exp_table.max()) * tokens < 2.0**52:
             e64 = g.cast(e, T.DOUBLE)
             total = g.op("ReduceSum", [e64, g.const(np.array([-1], np.int64))], keepdims=1)
             y = g.op("Round", [g.op("Div", [total, e64])])  # e = 0: inf
@@ -553,7 +558,7 @@ class _Exporter:
         elif attn.lis:
             lis_mask = None if mask is None else (mask != 0)[None, :, None].numpy()
             probs = g.reshape(
-                self.log_int_softmax(scores, attn, lis_mask), [-1, heads, tokens, tokens]
+                self.log_int_softmax(scores, attn, lis_mask, tokens), [-1, heads, tokens, tokens]
             )
             v_int = g.op(
                 "Sub",

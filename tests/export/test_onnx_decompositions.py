@@ -153,7 +153,9 @@ def test_log_int_softmax_equals_the_integer_models_kernel(scale, tokens, bits, e
     2**52), narrower softmax grids: the graph's ``2**(L-1) p`` equals the integer model's ``p``."""
     attn = _attn(scale, 117, bits, exact_table, tokens)
     codes = _score_rows(tokens, seed=tokens)
-    out = _run(lambda ex, names: ex.log_int_softmax(names[0], attn, None), {"scores": codes})
+    out = _run(
+        lambda ex, names: ex.log_int_softmax(names[0], attn, None, tokens), {"scores": codes}
+    )
     reference = kernels.log_int_softmax_codes(
         torch.from_numpy(codes), attn.lis_exp_table, kernels.lis_prob_table(bits),
         exact_float64=attn.exact_float64,
@@ -169,7 +171,9 @@ def test_log_int_softmax_of_the_exact_table_equals_python_integers():
     tokens, bits = 197, 4
     attn = _attn(0.03, 100, bits, True, tokens)
     codes = _score_rows(tokens, seed=1)
-    out = _run(lambda ex, names: ex.log_int_softmax(names[0], attn, None), {"scores": codes})
+    out = _run(
+        lambda ex, names: ex.log_int_softmax(names[0], attn, None, tokens), {"scores": codes}
+    )
     table = [int(v) for v in attn.lis_exp_table.tolist()]
     for row, got in zip(codes.tolist(), out.tolist()):
         e = [table[max(row) - c] for c in row]
@@ -194,7 +198,9 @@ def test_log_int_softmax_sends_masked_pairs_to_the_saturated_exponential():
     mask[:, np.arange(tokens), np.arange(tokens)] = False  # every row keeps one pair
     codes[..., np.arange(tokens), np.arange(tokens)] = 0  # ... whose code is the lowest
     lis_mask = mask[None, :, None]
-    out = _run(lambda ex, names: ex.log_int_softmax(names[0], attn, lis_mask), {"scores": codes})
+    out = _run(
+        lambda ex, names: ex.log_int_softmax(names[0], attn, lis_mask, tokens), {"scores": codes}
+    )
     reference = kernels.log_int_softmax_codes(
         torch.from_numpy(codes), attn.lis_exp_table, kernels.lis_prob_table(4),
         torch.from_numpy(lis_mask), exact_float64=attn.exact_float64,
