@@ -192,9 +192,10 @@ class _Exporter:
     def dequantize(self, codes: str, point: nn.Module, channels: int | None = None) -> str:
         scale, zp, attrs = self._point_consts(point, channels)
         if attrs:  # the same float32 (c - zp) * s; ONNX Runtime's per-axis DequantizeLinear is slow
-            g, f32 = self.g, np.float32
-            zp_value = g.const(np.array(int(point.zero_point.reshape(-1)[0]), f32))
-            return g.op("Mul", [g.op("Sub", [g.cast(codes, self.T.FLOAT), zp_value]), scale])
+            g = self.g
+            zp_value = g.const(np.array(int(point.zero_point.reshape(-1)[0]), np.uint8))
+            one = g.const(np.array(1.0, np.float32))
+            return g.op("Mul", [g.op("DequantizeLinear", [codes, one, zp_value]), scale])
         return self.g.op("DequantizeLinear", [codes, scale, zp], "value", **attrs)
 
     def fake_quantize(self, x: str, point: nn.Module) -> str:
