@@ -739,7 +739,7 @@ def export_onnx(
 ) -> Any:
     """The ONNX graph (``onnx.ModelProto``) of ``model``'s integer model; written to ``path`` if given.
 
-    ``exact=True`` (default; 0.6-0.7x timm's float graph in ONNX Runtime on this project's CPU,
+    ``exact=True`` (default; 0.6-0.75x timm's float graph in ONNX Runtime on this project's CPU,
     ``benchmarks/onnx_speed.py``): the integer model's arithmetic operation for operation (integer
     PTF LayerNorm, the §8 integer exponential and division), bit for bit given the same GEMM results.
 
