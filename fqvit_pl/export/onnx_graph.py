@@ -450,7 +450,7 @@ class _Exporter:
             y = g.op("Round", [g.op("Div", [total, e64])])  # e = 0: inf
             y = g.cast(g.op("Min", [y, g.const(np.array(2.0**levels, np.float64))]), T.FLOAT)
         else:
-            y = g.cast(self._lis_quotient_int64(g.cast(e, T.INT64), levels), T.FLOAT)
+            y = self._lis_quotient_int64(e, levels)
         return self._lis_log_round(y, levels)
 
     def _lis_log_round(self, y: str, levels: int) -> str:
@@ -476,25 +476,33 @@ class _Exporter:
         c = g.op("Mul", [approx, g.const(np.array(2.0**23 + 1, f32))])
         return g.op("Sub", [c, g.op("Sub", [c, approx])])
 
-    def _lis_quotient_int64(self, e: str, levels: int) -> str:
-        """``min(round(S / e), 2**levels)`` in int64 (``S`` may pass 2**53): integer division,
-        round half to even by the remainder; ``e = 0`` gives ``2**levels``."""
-        g, T = self.g, self.T
-        i64 = np.int64
+    def _lis_quotient_int64(self, e32: str, levels: int) -> str:
+        """``min(round(S / e), 2**levels)`` as float32 for the float32 exponentials ``e32`` (exact
+        integers) where ``S`` may pass 2**53: int64 sum, integer division, round half to even by
+        the remainder; ``e = 0`` gives ``2**levels``.
+
+        Only quotients up to ``2**levels`` matter (the clamp), so the quotient's parity and the
+        rounding step are float32 arithmetic on the clamped quotient (ONNX Runtime's int64 ``Mod``
+        costs ~10 elementwise passes).
+        """
+        g, T, f32, i64 = self.g, self.T, np.float32, np.int64
+        e = g.cast(e32, T.INT64)
         total = g.op("ReduceSum", [e, g.const(np.array([-1], i64))], keepdims=1)
         safe = g.op("Max", [e, g.const(np.array(1, i64))])
         quotient = g.op("Div", [total, safe])  # positive operands: the floor
         twice_rem = g.op("Mul", [g.op("Sub", [total, g.op("Mul", [quotient, safe])]),
                                  g.const(np.array(2, i64))])  # fmt: skip
-        odd = g.op("Equal", [g.op("Mod", [quotient, g.const(np.array(2, i64))]),
-                             g.const(np.array(1, i64))])  # fmt: skip
-        up = g.op("Or", [g.op("Greater", [twice_rem, safe]),
-                         g.op("And", [g.op("Equal", [twice_rem, safe]), odd])])  # fmt: skip
-        y = g.op("Add", [quotient, g.cast(up, T.INT64)])
-        # e = 0 (y infinite): quotient S >= 2**levels unless S is tiny; force it
-        zero = g.cast(g.op("Equal", [e, g.const(np.array(0, i64))]), T.INT64)
-        y = g.op("Add", [y, g.op("Mul", [zero, g.const(np.array(2**levels, i64))])])
-        return g.op("Min", [y, g.const(np.array(2**levels, i64))])
+        # float32 holds the clamped quotient (<= 2**levels <= 2**16) exactly
+        q = g.cast(g.op("Min", [quotient, g.const(np.array(2**levels, i64))]), T.FLOAT)
+        odd = g.op("Sub", [q, g.op("Mul", [g.op("Floor", [g.op("Mul", [q, g.const(np.array(0.5, f32))])]),
+                                           g.const(np.array(2.0, f32))])])  # fmt: skip
+        above = g.cast(g.op("Greater", [twice_rem, safe]), T.FLOAT)
+        tie = g.cast(g.op("Equal", [twice_rem, safe]), T.FLOAT)
+        y = g.op("Add", [q, g.op("Add", [above, g.op("Mul", [tie, odd])])])
+        # e = 0 (y infinite): the quotient S / 1 may be small; send it past the clamp
+        zero = g.cast(g.op("Equal", [e32, g.const(np.array(0.0, f32))]), T.FLOAT)
+        y = g.op("Add", [y, g.op("Mul", [zero, g.const(np.array(2.0**levels, f32))])])
+        return g.op("Min", [y, g.const(np.array(2.0**levels, f32))])
 
     def log_int_softmax_fast(
         self, scores: str, attn: nn.Module, mask: Tensor | None, heads: int, tokens: int

@@ -266,3 +266,19 @@ def test_integer_layernorm_equals_the_integer_models_kernel(
         out_point.scale, out_point.zero_point, out_point.bit_type,
     )  # fmt: skip
     assert np.array_equal(out, reference.numpy())
+
+
+@pytest.mark.parametrize("int64", [False, True])
+def test_log_int_softmax_rounds_a_tie_to_even(int64):
+    """``S / e = 2.5`` exactly (one code at the row maximum, three ``|x0|`` below it, whose
+    exponential is exactly half): ``y = 2`` (half to even), ``r = 1``, ``p = 1/2``; rounding half up
+    would give ``y = 3``, ``r = 2``. Both the float64 and the int64 division."""
+    attn = _attn(0.004, 117, 4, True, 4)
+    attn.exact_float64 = not int64  # the integer model's choice decides the path
+    x0 = int(torch.floor(-0.6931 / attn.lis_point().scale))
+    table = attn.lis_exp_table
+    assert float(table[-x0]) * 2 == float(table[0])  # e(|x0| below the max) = e(max) / 2
+    codes = np.array([[255, 255 + x0, 255 + x0, 255 + x0]], np.uint8)
+    out = _run(lambda ex, names: ex.log_int_softmax(names[0], attn, None, 4), {"scores": codes})
+    # the max: y = round(2.5) = 2 -> r = 1; the others: S / e = 5 -> r = floor(log2 5) + 0 = 2
+    assert (out * 2.0**-15).tolist() == [[0.5, 0.25, 0.25, 0.25]]
