@@ -9,12 +9,16 @@ is the median over repetitions of the ratio of the two runs timed back to back. 
 int8 safetensors artifact against the float safetensors file, both ONNX files, and the integer GEMM
 kernels ONNX Runtime kept in its optimized graph.
 
-Weights are random (timm's initialization), calibrated on random images: speed does not depend on
-the values, and no download is needed.
+Weights are random, calibrated on random images (no download): ``--weights unit`` (default:
+unit-gain Linear weights, LayerNorm gains around 1, score ranges like a trained network's) or
+``--weights timm`` (timm's initialization, tiny weights). Speed depends on the values only in the
+exact form's Log-Int-Softmax, which divides in int64 where a row's exponentials may sum past 2**52
+(small score scales: timm's initialization).
 
     python benchmarks/onnx_speed.py                                # deit_tiny, batch 8, 2 threads
     python benchmarks/onnx_speed.py --models deit_tiny swin_tiny --reps 7
     python benchmarks/onnx_speed.py --profile                      # + time per ONNX op type
+    python benchmarks/onnx_speed.py --form exact                   # the bit-exact graph
 """
 
 from __future__ import annotations
@@ -40,6 +44,24 @@ INTEGER_GEMMS = ("MatMulInteger", "MatMulIntegerToFloat", "QGemm", "QLinearMatMu
 def paired_ratio(fast: list[float], slow: list[float]) -> float:
     """Median over repetitions of ``slow[i] / fast[i]`` (each pair timed back to back)."""
     return statistics.median(s / f for f, s in zip(fast, slow))
+
+
+@torch.no_grad()
+def unit_gain(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Random weights of unit gain (``N(0, 1 / fan_in)``), LayerNorm gains ``N(1, 0.2)``, in place."""
+    generator = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+            fan_in = module.weight[0].numel()
+            module.weight.copy_(
+                torch.randn(module.weight.shape, generator=generator) * fan_in**-0.5
+            )
+            if module.bias is not None:
+                module.bias.copy_(torch.randn(module.bias.shape, generator=generator) * 0.1)
+        elif isinstance(module, torch.nn.LayerNorm):
+            module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * 0.2 + 1)
+            module.bias.copy_(torch.randn(module.bias.shape, generator=generator) * 0.1)
+    return model
 
 
 def _session(path: str, threads: int, optimized: str | None = None, profile: bool = False) -> Any:
@@ -90,6 +112,8 @@ def bench_model(name: str, args: argparse.Namespace, workdir: str) -> dict[str, 
 
     torch.manual_seed(0)
     model = create_model(name)
+    if args.weights == "unit":
+        unit_gain(model)
     size = model.pretrained_cfg["input_size"][-1]
     float_model = timm.create_model(model.pretrained_cfg["architecture"], pretrained=False).eval()
     float_model.load_state_dict(
@@ -128,6 +152,7 @@ def bench_model(name: str, args: argparse.Namespace, workdir: str) -> dict[str, 
     row = {
         "model": name,
         "form": f"{args.form}/{args.gemm}",
+        "weights": args.weights,
         "batch": args.batch,
         "threads": args.threads,
         "float_ms": 1000 * statistics.median(t_fp32),
@@ -185,6 +210,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         "--form", choices=["exact", "fast"], default="fast", help="export_onnx(exact=...)"
     )
     parser.add_argument("--gemm", choices=["u8s8", "u8u8"], default="u8s8", help="export_onnx gemm")
+    parser.add_argument(
+        "--weights", choices=["unit", "timm"], default="unit", help="random weights: see above"
+    )
     parser.add_argument("--json", help="write the rows to this file")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)

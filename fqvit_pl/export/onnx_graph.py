@@ -11,12 +11,16 @@ Two forms. ``exact=True`` (default) computes the integer model's arithmetic oper
 - ``q @ k^T`` and (without LIS) ``attn @ V``: ``MatMulInteger`` on the codes, zero points as its
   inputs. With LIS, ``attn @ V`` multiplies the probabilities ``2**-r`` by ``c_v - zp_v`` in
   float32, exact (the proof in :class:`fqvit_pl.quant.integer.IntegerAttention`).
-- Log-Int-Softmax (§8): int32 codes, row maximum, the layer's integer exponential as a table
-  (``Gather``), the row sum, ``round(S / e)`` in float64 (exact), and the 4-bit log rounding as a
-  second table indexed by ``min(y, 3 * 2**(2**b - 2))``.
-- PTF LayerNorm (§7): ``x_q`` in int32, ``sum`` and ``sum of squares`` in int64, the per-token
-  multiplier and offset by the contract's float32 formula, ``round((M x_q + B) / 2**N)`` exact in
-  float64, clamp to the next point's codes.
+- Log-Int-Softmax (§8) in elementwise operators only (ONNX Runtime's ``Gather`` costs as much as
+  ~50 elementwise passes): the I-BERT exponential in float32 operation for operation as the
+  integer model's table was built (every ``e`` a float32, exact), the row sum and
+  ``round(S / e)`` in float64 where ``max(e) * N < 2**52`` (else int64, as the integer model),
+  and the 4-bit log rounding as ``y`` rounded to one significant bit (Veltkamp's split), giving
+  ``2**(15 - r)`` for ``attn @ V`` in float32 (exact, ``2**-15 s_v`` folded into its scale).
+- PTF LayerNorm (§7): ``x_q`` in float32 (integers below 2**12), the row sum and the sum of squares
+  exact (float32 below 2**24, else float64), the per-token multiplier and offset by the contract's
+  float32 formula (``2**N`` by Veltkamp's split, no ``Log``/``Pow``), ``round((M x_q + B) / 2**N)``
+  exact in float64, and ``QuantizeLinear`` (scale 1) for the zero point and the clamp.
 - GELU, the residual additions, the Swin pooling and the logits in float, as in the integer model.
 
 ``exact=False`` is the fast form: QDQ patterns ONNX Runtime fuses (``QGemm`` with the int32 bias,
@@ -46,8 +50,6 @@ __all__ = ["export_onnx", "OnnxExportError", "OPSET"]
 
 #: The ONNX opset of the exported graphs (LayerNormalization needs 17).
 OPSET = 17
-#: Log-Int-Softmax row sums below this bound are exact in float64 (else the graph divides in int64).
-FLOAT64_EXACT = 2.0**52
 
 
 #: The parts computed in their fast form by ``export_onnx(exact=False)``.
@@ -190,9 +192,10 @@ class _Exporter:
     def dequantize(self, codes: str, point: nn.Module, channels: int | None = None) -> str:
         scale, zp, attrs = self._point_consts(point, channels)
         if attrs:  # the same float32 (c - zp) * s; ONNX Runtime's per-axis DequantizeLinear is slow
-            g, f32 = self.g, np.float32
-            zp_value = g.const(np.array(int(point.zero_point.reshape(-1)[0]), f32))
-            return g.op("Mul", [g.op("Sub", [g.cast(codes, self.T.FLOAT), zp_value]), scale])
+            g = self.g
+            zp_value = g.const(np.array(int(point.zero_point.reshape(-1)[0]), np.uint8))
+            one = g.const(np.array(1.0, np.float32))
+            return g.op("Mul", [g.op("DequantizeLinear", [codes, one, zp_value]), scale])
         return self.g.op("DequantizeLinear", [codes, scale, zp], "value", **attrs)
 
     def fake_quantize(self, x: str, point: nn.Module) -> str:
@@ -300,17 +303,27 @@ class _Exporter:
         if in_scale.numel() not in (1, channels):
             in_scale = in_scale.repeat(channels // in_scale.numel())
         s_min = in_scale.min()
-        k = torch.round(in_scale / s_min).to(torch.int32)
+        k = torch.round(in_scale / s_min)
         zp = int(in_point.zero_point.reshape(-1)[0])
-        x_q = g.op("Mul", [g.op("Sub", [g.cast(codes, T.INT32), g.const(np.array(zp, np.int32))]),
-                           g.const(k if k.numel() > 1 else k.reshape(()), "ptf")])  # fmt: skip
-        x64 = g.cast(x_q, T.INT64)
-        total = g.op("ReduceSum", [x64, g.const(np.array([-1], np.int64))], keepdims=1)
-        squares = g.op(
-            "ReduceSum", [g.op("Mul", [x64, x64]), g.const(np.array([-1], np.int64))], keepdims=1
-        )
-        total_f, squares_f = g.cast(total, T.FLOAT), g.cast(squares, T.FLOAT)
         f32 = np.float32
+        # x_q = (c - zp) * k: integers of magnitude <= 255 * max(k) < 2**12, exact in float32
+        x_q = g.op("DequantizeLinear", [codes, g.const(np.array(1.0, f32)),
+                                        g.const(np.array(zp, np.uint8))])  # fmt: skip
+        if bool((k != 1).any()):
+            x_q = g.op("Mul", [x_q, g.const(k if k.numel() > 1 else k.reshape(()), "ptf")])
+        bound = 255 * float(k.max())
+        axes = g.const(np.array([-1], np.int64))
+        # the row sum and sum of squares are exact: float32 below 2**24, else float64 (< 2**53)
+        if channels * bound < 2**24:
+            total_f = g.op("ReduceSum", [x_q, axes], keepdims=1)
+        else:
+            total_f = g.cast(g.op("ReduceSum", [g.cast(x_q, T.DOUBLE), axes], keepdims=1), T.FLOAT)
+        if channels * bound**2 < 2**24:
+            squares_f = g.op("ReduceSumSquare", [x_q], axes=[-1], keepdims=1)
+        else:
+            squares_f = g.cast(
+                g.op("ReduceSumSquare", [g.cast(x_q, T.DOUBLE)], axes=[-1], keepdims=1), T.FLOAT
+            )
         # The contract's float32 formula, operation for operation (kernels.int_layernorm_codes).
         mean = g.op(
             "Mul", [g.op("Div", [total_f, g.const(np.array(channels, f32))]), g.const(s_min)]
@@ -323,56 +336,54 @@ class _Exporter:
         weight, bias = g.const(norm.weight.detach()), g.const(norm.bias.detach())
         out_scale = g.const(out_point.scale.detach().to(torch.float32))
         a = g.op("Div", [g.op("Mul", [g.op("Div", [g.const(s_min), std]), weight]), out_scale])
-        sign, a = g.op("Sign", [a]), g.op("Abs", [a])
         bits = 7  # the multiplier's precision (kernels.int_layernorm_codes)
-        p = self._ptf_power(a, bits)
-        m = g.op("Clip", [g.op("Floor", [g.op("Mul", [a, p])]), g.const(np.array(0, f32)),
-                          g.const(np.array(2 ** (bits + 1) - 1, f32))])  # fmt: skip
+        p, inv_p = self._ptf_power(a, bits)
+        # sign(a) * clamp(floor(|a| p), 0, 255) = trunc(clamp(a p, -255, 255)); Cast truncates
+        limit = float(2 ** (bits + 1) - 1)
+        signed_m = g.op("Clip", [g.op("Mul", [a, p]), g.const(np.array(-limit, f32)),
+                                 g.const(np.array(limit, f32))])  # fmt: skip
+        signed_m = g.cast(g.cast(signed_m, T.INT32), T.FLOAT)
         offset = g.op("Sub", [bias, g.op("Mul", [g.op("Div", [mean, std]), weight])])
         b = g.op("Round", [g.op("Mul", [g.op("Div", [offset, out_scale]), p])])
-        f64 = T.DOUBLE
-        y = g.op(
-            "Add",
-            [g.op("Mul", [g.cast(g.op("Mul", [sign, m]), f64), g.cast(x_q, f64)]), g.cast(b, f64)],
-        )
-        y = g.op("Round", [g.op("Div", [y, g.cast(p, f64)])])
+        # step 5: |M x_q| <= 255 * 255 * max(k) < 2**24 is exact in float32; the sum with B in
+        # float64 (|M x_q + B| < 2**53, kernels.int_layernorm_codes), divided by the power of two
+        y = g.op("Add", [g.cast(g.op("Mul", [signed_m, x_q]), T.DOUBLE), g.cast(b, T.DOUBLE)])
+        y = g.cast(g.op("Round", [g.op("Mul", [y, g.cast(inv_p, T.DOUBLE)])]), T.FLOAT)
         bt = out_point.bit_type
         zp_out = int(out_point.zero_point.reshape(-1)[0])
-        y = g.op("Add", [y, g.const(np.array(zp_out, np.float64))])
-        y = g.op("Clip", [y, g.const(np.array(bt.lower, np.float64)),
-                          g.const(np.array(bt.upper, np.float64))])  # fmt: skip
+        if bt.bits == 8:  # round (exact on integers) + zero point, saturated to 0..255
+            return g.op("QuantizeLinear", [y, g.const(np.array(1.0, f32)),
+                                           g.const(np.array(zp_out, np.uint8))])  # fmt: skip
+        y = g.op("Add", [y, g.const(np.array(zp_out, f32))])
+        y = g.op("Clip", [y, g.const(np.array(bt.lower, f32)), g.const(np.array(bt.upper, f32))])
         return g.cast(y, T.UINT8)
 
-    def _ptf_power(self, a: str, bits: int) -> str:
-        """``2 ** clamp(bits - floor(log2 a), 0, 31)`` for float32 ``a >= 0``, exact, with one ``Pow``.
+    def _ptf_power(self, a: str, bits: int) -> tuple[str, str]:
+        """``2 ** clamp(bits - floor(log2 |a|), 0, 31)`` for float32 ``a`` and its inverse, exact, elementwise only.
 
-        ``floor(log2 a)`` from ``Log`` may be off by one near powers of two; the power ``2**e`` is
-        corrected against ``a`` by exact halvings/doublings, and ``2**bits / 2**e`` clamped to
-        ``[1, 2**31]`` is the clamped power (``a = 0``: ``2**31``; ``a = inf``: 1).
+        ``|a|`` clamped to ``[2**(bits-31), 2**bits]`` leaves the clamped exponent unchanged. Its
+        nearest power of two ``h`` (ties up) is Veltkamp's split with ``sigma = 2**23 + 1`` (exact
+        in float32 for normal numbers); ``|a| / h`` lies in ``[0.75, 1.5)``, so
+        ``floor(|a| / h)`` is 1 where ``h <= |a|`` and 0 where ``h = 2 * 2**floor(log2 |a|)``:
+        ``2**floor(log2 |a|) = h * (1 + t) / 2``, and the power is ``2**(bits + 1) / (h (1 + t))``.
         """
         g, f32 = self.g, np.float32
-        e = g.op(
-            "Floor", [g.op("Mul", [g.op("Log", [a]), g.const(np.array(1 / math.log(2), f32))])]
-        )
-        power = g.op("Pow", [g.const(np.array(2.0, f32)), e])
-        half = g.const(np.array(0.5, f32))
-        one = g.const(np.array(1.0, f32))
-        two = g.const(np.array(2.0, f32))
-        power = g.op("Where", [g.op("Greater", [power, a]), g.op("Mul", [power, half]), power])
-        doubled = g.op("Mul", [power, two])
-        power = g.op("Where", [g.op("LessOrEqual", [doubled, a]), doubled, power])
-        p = g.op("Div", [g.const(np.array(2.0**bits, f32)), power])
-        return g.op("Clip", [p, one, g.const(np.array(2.0**31, f32))])
+        magnitude = g.op("Clip", [g.op("Abs", [a]), g.const(np.array(2.0 ** (bits - 31), f32)),
+                                  g.const(np.array(2.0**bits, f32))])  # fmt: skip
+        c = g.op("Mul", [magnitude, g.const(np.array(2.0**23 + 1, f32))])
+        nearest = g.op("Sub", [c, g.op("Sub", [c, magnitude])])
+        t = g.op("Floor", [g.op("Div", [magnitude, nearest])])
+        floor_power = g.op("Mul", [nearest, g.op("Add", [t, g.const(np.array(1.0, f32))])])
+        power = g.op("Div", [g.const(np.array(2.0 ** (bits + 1), f32)), floor_power])
+        return power, g.op("Mul", [floor_power, g.const(np.array(2.0 ** -(bits + 1), f32))])
 
     def gelu(self, x: str) -> str:
+        """Exact (erf) GELU in the pattern ONNX Runtime fuses into one ``Gelu`` kernel (the exported
+        test models give the same logits, bit for bit, as with ``x * sqrt(0.5)`` unfused)."""
         g, f32 = self.g, np.float32
-        if self.fast:  # the pattern ONNX Runtime fuses into one Gelu kernel
-            erf = g.op("Erf", [g.op("Div", [x, g.const(np.array(math.sqrt(2.0), f32))])])
-            y = g.op("Mul", [x, g.op("Add", [erf, g.const(np.array(1.0, f32))])])
-            return g.op("Mul", [y, g.const(np.array(0.5, f32))])
-        erf = g.op("Erf", [g.op("Mul", [x, g.const(np.array(math.sqrt(0.5), f32))])])
-        half_x = g.op("Mul", [x, g.const(np.array(0.5, f32))])
-        return g.op("Mul", [half_x, g.op("Add", [erf, g.const(np.array(1.0, f32))])])
+        erf = g.op("Erf", [g.op("Div", [x, g.const(np.array(math.sqrt(2.0), f32))])])
+        y = g.op("Mul", [x, g.op("Add", [erf, g.const(np.array(1.0, f32))])])
+        return g.op("Mul", [y, g.const(np.array(0.5, f32))])
 
     def residual(
         self, x: str, x_point: nn.Module, branch: str, branch_point: nn.Module, out: nn.Module
@@ -387,64 +398,112 @@ class _Exporter:
         return self.codes_out(hidden, mlp.act_point, mlp.fc2, mlp.fc2_point)
 
     def log_int_softmax(
-        self, scores: str, attn: nn.Module, mask: Tensor | None, tokens: int
+        self, scores: str, attn: nn.Module, mask: np.ndarray | None, tokens: int
     ) -> str:
-        """§8 on the uint8 score codes ``[..., N]`` → float32 probabilities ``2**-r`` (0 below the grid)."""
-        g, T = self.g, self.T
-        c = g.cast(scores, T.INT32)
-        if mask is not None:
-            c = g.op("Where", [g.const(mask, "mask"), g.const(np.array(-512, np.int32)), c])
-        row_max = g.op("ReduceMax", [c], axes=[-1], keepdims=1)
-        table = attn.lis_exp_table.detach().to(torch.float64)
-        exact32 = bool((table.to(torch.float32).to(torch.float64) == table).all())
-        table = table.to(torch.float32) if exact32 else table
-        masked_index = g.const(np.array(table.numel() - 1, np.int32))  # the saturated value
-        if table.numel() == 65537:
-            # The simulation's table, indexed by 256 * (row max) + code (masked pairs: its last
-            # entry, the saturated value): one flat Gather per score.
-            flat = g.op("Add", [g.op("Mul", [row_max, g.const(np.array(256, np.int32))]), c])
-            index = g.op("Where", [g.op("Less", [c, g.const(np.array(0, np.int32))]),
-                                   g.const(np.array(65536, np.int32)), flat])  # fmt: skip
-            e = g.op("Gather", [g.const(table, "exp_table"), index])
-        else:  # the exact table, indexed by row max - code
-            index = g.op("Where", [g.op("Less", [c, g.const(np.array(0, np.int32))]), masked_index,
-                                   g.op("Sub", [row_max, c])])  # fmt: skip
-            e = g.op("Gather", [g.const(table, "exp_table"), index])
-        if exact32:
-            e = g.cast(e, T.DOUBLE)
-        # y >= limit: exponent >= 2**bits, probability 0
-        limit = 3 * 2 ** (2**attn.softmax_bits - 2)
-        axes = g.const(np.array([-1], np.int64))
-        # float64 holds S <= tokens * max(e) and rounds S / e exactly below 2**52 (the proof in
-        # kernels.log_int_softmax_codes, here with the graph's row length: both paths are exact).
-        if float(attn.lis_exp_table.max()) * tokens < FLOAT64_EXACT:
-            total = g.op("ReduceSum", [e, axes], keepdims=1)
-            y = g.op("Round", [g.op("Div", [total, e])])
-            y = g.cast(g.op("Min", [y, g.const(np.array(limit, np.float64))]), T.INT64)
-        else:  # S may pass 2**53: int64 sums, integer division, round half to even by the remainder
-            e = g.cast(e, T.INT64)
-            total = g.op("ReduceSum", [e, axes], keepdims=1)
-            zero = g.const(np.array(0, np.int64))
-            safe = g.op("Max", [e, g.const(np.array(1, np.int64))])
-            quotient = g.op("Div", [total, safe])  # positive operands: the floor
-            twice_rem = g.op("Mul", [g.op("Sub", [total, g.op("Mul", [quotient, safe])]),
-                                     g.const(np.array(2, np.int64))])  # fmt: skip
-            odd = g.op("Equal", [g.op("Mod", [quotient, g.const(np.array(2, np.int64))]),
-                                 g.const(np.array(1, np.int64))])  # fmt: skip
-            up = g.op("Or", [g.op("Greater", [twice_rem, safe]),
-                             g.op("And", [g.op("Equal", [twice_rem, safe]), odd])])  # fmt: skip
-            y = g.op("Add", [quotient, g.cast(up, T.INT64)])
-            y = g.op("Where", [g.op("Equal", [e, zero]), g.const(np.array(limit, np.int64)), y])
-            y = g.op("Min", [y, g.const(np.array(limit, np.int64))])
-        ys = torch.arange(limit + 1, dtype=torch.float64).clamp(min=1)
-        from ..quant.integer import kernels
+        """§8 on the uint8 score codes ``[..., N]`` → ``2**(L-1) * p`` as float32 (``L = 2**bits``).
 
-        probs = attn.lis_prob_table.detach().cpu()[kernels._log_round(ys)]
-        if float(probs[-1]) != 0.0:
-            raise OnnxExportError(
-                "export_onnx: Log-Int-Softmax table does not end at probability 0"
-            )
-        return g.op("Gather", [g.const(probs, "prob_table"), y])
+        Bit for bit the integer model's table lookups (:func:`kernels.log_int_softmax_codes`), in
+        elementwise operators only (ONNX Runtime's ``Gather`` costs ~50 elementwise passes):
+
+        - the exponential: I-BERT's polynomial (:func:`fqvit_pl.quant.functional.int_exp`)
+          operation for operation in float32 on the same operands as the integer model's table
+          (``fl(fl((c - zp) s) / s)`` minus its row maximum for the simulation's table,
+          ``c - max c`` for the exact one), so every ``e`` is the table's entry; ``e`` is a float32
+          times a power of two, floored: a float32, exact. A masked pair (Swin) gets ``-1e9``,
+          clamped to ``n * x0`` as the table's saturated entry;
+        - ``y = round(S / e)``: float64 where ``max(e) * tokens < 2**52`` and the integer model
+          says so (:meth:`_lis_quotient_int64` otherwise, int64 as the integer model);
+        - the log rounding: ``2**r`` is ``y`` rounded to the nearest power of two, ties up
+          (``y >= 1.5 * 2**floor(log2 y)``), which Veltkamp's split with ``sigma = 2**23 + 1`` gives
+          exactly in float32 for integers ``y <= 2**L`` (checked for every such ``y`` in the
+          tests); ``y`` clamped to ``2**L`` keeps every exponent ``r < L`` and sends the rest to
+          ``2**L``; ``floor(2**(L-1) / 2**r)`` is ``2**(L-1-r)``, and 0 for ``r >= L``.
+        """
+        from ..quant.functional import IBERT_B, IBERT_C, INT_EXP_N, LN2
+
+        g, T, f32 = self.g, self.T, np.float32
+        point = attn.lis_point()
+        s = point.scale.detach().reshape(()).to(torch.float32)
+        if attn.lis_exp_table.numel() == 257:  # the exact table: t = max c - c
+            x = g.cast(scores, T.FLOAT)
+        else:  # the simulation's table: fl(fl((c - zp) s) / s)
+            x = g.op("Div", [self.dequantize(scores, point), g.const(s)])
+        if mask is not None:
+            x = g.op("Add", [x, g.const(np.where(mask, f32(-1e9), f32(0)), "lis_mask")])
+        x = g.op("Sub", [x, g.op("ReduceMax", [x], axes=[-1], keepdims=1)])
+        n = INT_EXP_N
+        x0 = torch.floor(-LN2 / s)
+        x = g.op("Max", [x, g.const(n * x0)])
+        q = g.op("Floor", [g.op("Div", [x, g.const(x0)])])
+        r = g.op("Sub", [x, g.op("Mul", [g.const(x0), q])])
+        fb, fc = torch.floor(IBERT_B / s), torch.floor(IBERT_C / s**2)
+        z = g.op("Add", [g.op("Mul", [r, g.op("Add", [r, g.const(fb)])]), g.const(fc)])
+        power = self._power_of_two(g.op("Sub", [g.const(np.array(n, f32)), q]))
+        e = g.op("Max", [g.op("Floor", [g.op("Mul", [z, power])]), g.const(np.array(0.0, f32))])
+        levels = 2**attn.softmax_bits
+        # float64 holds every row sum S <= tokens * max(e) exactly below 2**52 and rounds S / e as
+        # the exact quotient (kernels.log_int_softmax_codes); the integer model's own choice wins
+        # where it divides in int64 (exact either way)
+        if attn.exact_float64 and float(attn.lis_exp_table.max()) * tokens < 2.0**52:
+            e64 = g.cast(e, T.DOUBLE)
+            total = g.op("ReduceSum", [e64, g.const(np.array([-1], np.int64))], keepdims=1)
+            y = g.op("Round", [g.op("Div", [total, e64])])  # e = 0: inf
+            y = g.cast(g.op("Min", [y, g.const(np.array(2.0**levels, np.float64))]), T.FLOAT)
+        else:
+            y = self._lis_quotient_int64(e, levels)
+        return self._lis_log_round(y, levels)
+
+    def _lis_log_round(self, y: str, levels: int) -> str:
+        """§8 steps 4-5 for float32 integers ``1 <= y <= 2**levels``: ``2**(levels-1-r)``, 0 for ``r >= levels``.
+
+        ``2**r`` is ``y`` rounded to the nearest power of two with ties up: Veltkamp's split
+        ``c = y (2**23 + 1)``, ``c - (c - y)`` keeps one significant bit (exact float32 steps, no
+        overflow below 2**104).
+        """
+        g, f32 = self.g, np.float32
+        c = g.op("Mul", [y, g.const(np.array(2.0**23 + 1, f32))])
+        nearest = g.op("Sub", [c, g.op("Sub", [c, y])])
+        return g.op("Floor", [g.op("Div", [g.const(np.array(2.0 ** (levels - 1), f32)), nearest])])
+
+    def _power_of_two(self, k: str) -> str:
+        """``2**k`` for float32 integers ``0 <= k <= 100``, exact, ~8x faster than ``Pow`` in ONNX Runtime.
+
+        ``Exp(k ln 2)`` is within a few ulps of ``2**k`` (tested for every such ``k``), far inside
+        ``(0.75, 1.5) * 2**k``; rounding it to one significant bit (Veltkamp's split,
+        :meth:`_lis_log_round`) gives ``2**k`` exactly.
+        """
+        g, f32 = self.g, np.float32
+        approx = g.op("Exp", [g.op("Mul", [k, g.const(np.array(math.log(2.0), f32))])])
+        c = g.op("Mul", [approx, g.const(np.array(2.0**23 + 1, f32))])
+        return g.op("Sub", [c, g.op("Sub", [c, approx])])
+
+    def _lis_quotient_int64(self, e32: str, levels: int) -> str:
+        """``min(round(S / e), 2**levels)`` as float32 for the float32 exponentials ``e32`` (exact
+        integers) where ``S`` may pass 2**53: int64 sum, integer division, round half to even by
+        the remainder; ``e = 0`` gives ``2**levels``.
+
+        Only quotients up to ``2**levels`` matter (the clamp), so the quotient's parity and the
+        rounding step are float32 arithmetic on the clamped quotient (ONNX Runtime's int64 ``Mod``
+        costs ~10 elementwise passes).
+        """
+        g, T, f32, i64 = self.g, self.T, np.float32, np.int64
+        e = g.cast(e32, T.INT64)
+        total = g.op("ReduceSum", [e, g.const(np.array([-1], i64))], keepdims=1)
+        safe = g.op("Max", [e, g.const(np.array(1, i64))])
+        quotient = g.op("Div", [total, safe])  # positive operands: the floor
+        twice_rem = g.op("Mul", [g.op("Sub", [total, g.op("Mul", [quotient, safe])]),
+                                 g.const(np.array(2, i64))])  # fmt: skip
+        # float32 holds the clamped quotient (<= 2**levels <= 2**16) exactly
+        q = g.cast(g.op("Min", [quotient, g.const(np.array(2**levels, i64))]), T.FLOAT)
+        odd = g.op("Sub", [q, g.op("Mul", [g.op("Floor", [g.op("Mul", [q, g.const(np.array(0.5, f32))])]),
+                                           g.const(np.array(2.0, f32))])])  # fmt: skip
+        above = g.cast(g.op("Greater", [twice_rem, safe]), T.FLOAT)
+        tie = g.cast(g.op("Equal", [twice_rem, safe]), T.FLOAT)
+        y = g.op("Add", [q, g.op("Add", [above, g.op("Mul", [tie, odd])])])
+        # e = 0 (y infinite): the quotient S / 1 may be small; send it past the clamp
+        zero = g.cast(g.op("Equal", [e32, g.const(np.array(0.0, f32))]), T.FLOAT)
+        y = g.op("Add", [y, g.op("Mul", [zero, g.const(np.array(2.0**levels, f32))])])
+        return g.op("Min", [y, g.const(np.array(2.0**levels, f32))])
 
     def log_int_softmax_fast(
         self, scores: str, attn: nn.Module, mask: Tensor | None, heads: int, tokens: int
@@ -515,9 +574,14 @@ class _Exporter:
                 "Sub",
                 [g.cast(v, T.FLOAT), g.const(np.array(int(attn.qkv_point.zero_point), np.float32))],
             )
-            context = g.op(
-                "Mul", [g.op("MatMul", [probs, v_int]), g.const(attn.qkv_point.scale.detach())]
+            # probs hold 2**(L-1) p: integers, so probs @ (c_v - zp) stays exact in float32 (row
+            # sums of p <= 1.5, IntegerAttention's proof: |partial sums| <= 1.5 * 2**(L-1) * 255
+            # < 2**24 for L <= 16); 2**-(L-1) s_v is s_v scaled exactly, the same rounding as
+            # (exact sum * 2**-(L-1)) * s_v in the integer model
+            step = attn.qkv_point.scale.detach().to(torch.float32) * 2.0 ** -(
+                2**attn.softmax_bits - 1
             )
+            context = g.op("Mul", [g.op("MatMul", [probs, v_int]), g.const(step)])
         else:
             value = self.dequantize(scores, attn.lis_point())
             if mask is not None:
@@ -684,11 +748,11 @@ def export_onnx(
 ) -> Any:
     """The ONNX graph (``onnx.ModelProto``) of ``model``'s integer model; written to ``path`` if given.
 
-    ``exact=True`` (default, ~0.3-0.4x timm's float graph in ONNX Runtime on this project's CPU):
-    the integer model's arithmetic operation for operation (integer PTF LayerNorm, the §8 integer
-    exponential and division), bit for bit given the same GEMM results.
+    ``exact=True`` (default; 0.6-0.75x timm's float graph in ONNX Runtime on this project's CPU,
+    ``benchmarks/onnx_speed.py``): the integer model's arithmetic operation for operation (integer
+    PTF LayerNorm, the §8 integer exponential and division), bit for bit given the same GEMM results.
 
-    ``exact=False`` (fast, ~1.5x float): QDQ patterns that ONNX Runtime fuses into ``QGemm`` and
+    ``exact=False`` (fast, 1.35-1.75x float): QDQ patterns that ONNX Runtime fuses into ``QGemm`` and
     ``QLinearMatMul``, ``QuantizeLinear`` rounding ``x / s`` then adding the zero point, float32
     ``LayerNormalization`` on the dequantized PTF codes and Log-Int-Softmax's rounding of
     ``log2(1 / p)`` from ``LogSoftmax``. Its logits differ from the integer model's by about the

@@ -1,0 +1,284 @@
+"""The exact graph's elementwise decompositions, run by ONNX Runtime on crafted inputs.
+
+Each subgraph is built by the exporter's own method and compared bit for bit with an independent
+computation (Python integers / ``math.frexp``) or with the integer model's kernel
+(:mod:`fqvit_pl.quant.integer.kernels`) on inputs that reach the bounds of the exactness proofs:
+extreme codes, PTF factors up to 8, row sums past 2**52, masked pairs, clamped exponents.
+"""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from fqvit_pl.quant.bit_type import get_bit_type
+from fqvit_pl.quant.integer import kernels
+from fqvit_pl.quant.integer.layers import IntPoint
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+from fqvit_pl.export.onnx_graph import OPSET, _Exporter  # noqa: E402
+
+
+def _run(build, inputs: dict[str, np.ndarray]) -> np.ndarray:
+    """Build a one-output graph with ``build(exporter, input names)`` and run it in ONNX Runtime."""
+    from onnx import TensorProto, helper
+
+    exporter = _Exporter(torch.nn.Identity())
+    out = build(exporter, list(inputs))
+    dtypes = {np.dtype(np.uint8): TensorProto.UINT8, np.dtype(np.float32): TensorProto.FLOAT}
+    graph = helper.make_graph(
+        exporter.g.nodes,
+        "subgraph",
+        [
+            helper.make_tensor_value_info(n, dtypes[a.dtype], list(a.shape))
+            for n, a in inputs.items()
+        ],
+        [helper.make_value_info(out, onnx.TypeProto())],
+        exporter.g.initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(
+        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+    return session.run(None, inputs)[0]
+
+
+def _point(scale, zero_point: int, bit_type: str = "uint8") -> IntPoint:
+    scale = torch.as_tensor(scale, dtype=torch.float32)
+    point = IntPoint(get_bit_type(bit_type), None if scale.dim() == 0 else scale.numel())
+    point.scale.copy_(scale)
+    point.zero_point.fill_(zero_point)
+    return point
+
+
+# -- the PTF LayerNorm's power of two ------------------------------------------------------------
+
+
+def test_ptf_power_is_two_to_the_clamped_exponent():
+    """``2**clamp(7 - floor(log2 |a|), 0, 31)`` for powers of two, their float32 neighbours, ties
+    of the nearest-power rounding (1.5 * 2**k), zero, infinity and random magnitudes, against
+    ``math.frexp``."""
+    k = np.arange(-45, 30, dtype=np.float64)
+    powers = (2.0**k).astype(np.float32)
+    values = np.concatenate([
+        powers, np.nextafter(powers, np.float32(0)), np.nextafter(powers, np.float32(np.inf)),
+        (1.5 * 2.0**k).astype(np.float32), np.nextafter((1.5 * 2.0**k).astype(np.float32), 0),
+        np.float32(10.0) ** np.random.default_rng(0).uniform(-12, 6, 4000).astype(np.float32),
+        np.array([0.0, np.inf, 1e-45], np.float32),
+    ])  # fmt: skip
+    values = np.concatenate([values, -values]).astype(np.float32)
+    out = _run(lambda ex, names: ex._ptf_power(names[0], 7)[0], {"a": values})
+    inverse = _run(lambda ex, names: ex._ptf_power(names[0], 7)[1], {"a": values})
+    assert np.array_equal(inverse, (1 / out.astype(np.float64)).astype(np.float32))
+
+    def expected(a: float) -> float:
+        if a == 0:
+            return 2.0**31
+        if math.isinf(a):
+            return 1.0
+        exponent = math.frexp(abs(a))[1] - 1  # floor(log2 |a|), exact
+        return 2.0 ** min(max(7 - exponent, 0), 31)
+
+    assert out.tolist() == [expected(float(a)) for a in values]
+
+
+# -- Log-Int-Softmax -----------------------------------------------------------------------------
+
+
+def test_power_of_two_is_exact():
+    k = np.arange(0, 101, dtype=np.float32)  # Veltkamp's product overflows past 2**104
+    out = _run(lambda ex, names: ex._power_of_two(names[0]), {"k": k})
+    assert out.tolist() == [2.0**i for i in range(101)]
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_log_rounding_of_every_quotient(bits):
+    """§8 steps 4-5 for every integer ``y`` up to the clamp ``2**L``: ``2**(L-1-r)`` with
+    ``r = floor(log2 y) + [y - 2**f >= 2**(f-1)]`` by Python integers, 0 for ``r >= L``."""
+    levels = 2**bits
+    y = np.arange(1, 2**levels + 1, dtype=np.float32)
+    out = _run(lambda ex, names: ex._lis_log_round(names[0], levels), {"y": y})
+
+    def expected(value: int) -> float:
+        f = value.bit_length() - 1
+        r = f + (value - 2**f >= 2 ** (f - 1) if f > 0 else 0)
+        return float(2 ** (levels - 1 - r)) if r < levels else 0.0
+
+    assert out.tolist() == [expected(int(v)) for v in y]
+
+
+def _score_rows(tokens: int, seed: int) -> np.ndarray:
+    """Rows of score codes: random, all equal (the largest row sum), one high code with the rest
+    at 0 (exponentials that floor to 0), two codes, and the full code range."""
+    rng = np.random.default_rng(seed)
+    rows = [rng.integers(0, 256, tokens), rng.integers(90, 140, tokens),
+            np.full(tokens, 255), np.full(tokens, 0), np.r_[255, np.zeros(tokens - 1)],
+            np.r_[np.full(tokens // 2, 200), np.full(tokens - tokens // 2, 199)],
+            np.linspace(0, 255, tokens).round()]  # fmt: skip
+    rows += [rng.integers(0, 256, tokens) for _ in range(25)]
+    return np.stack(rows).astype(np.uint8)
+
+
+def _attn(scale: float, zero_point: int, bits: int, exact_table: bool, tokens: int):
+    point = _point(scale, zero_point)
+    table = (
+        kernels.lis_exp_table(point.scale)
+        if exact_table
+        else kernels.lis_exp_table_2d(point.scale, point.zero_point)
+    )
+    return SimpleNamespace(
+        lis_point=lambda: point,
+        lis_exp_table=table,
+        softmax_bits=bits,
+        exact_float64=float(table.max()) * tokens < 2.0**52,  # the converter's choice
+    )
+
+
+@pytest.mark.parametrize("exact_table", [False, True])
+@pytest.mark.parametrize(
+    "scale, tokens, bits",
+    [(0.05, 49, 4), (0.11, 197, 4), (0.004, 197, 4), (0.0015, 64, 3), (0.02, 16, 2)],
+)
+def test_log_int_softmax_equals_the_integer_models_kernel(scale, tokens, bits, exact_table):
+    """Both exponential tables, the float64 path and the int64 path (small scales: row sums past
+    2**52), narrower softmax grids: the graph's ``2**(L-1) p`` equals the integer model's ``p``."""
+    attn = _attn(scale, 117, bits, exact_table, tokens)
+    codes = _score_rows(tokens, seed=tokens)
+    out = _run(
+        lambda ex, names: ex.log_int_softmax(names[0], attn, None, tokens), {"scores": codes}
+    )
+    reference = kernels.log_int_softmax_codes(
+        torch.from_numpy(codes), attn.lis_exp_table, kernels.lis_prob_table(bits),
+        exact_float64=attn.exact_float64,
+    )  # fmt: skip
+    assert np.array_equal(out * 2.0 ** -(2**bits - 1), reference.numpy())
+    if scale == 0.004:
+        assert not attn.exact_float64  # this case takes the int64 path
+
+
+def test_log_int_softmax_of_the_exact_table_equals_python_integers():
+    """The exact table's §8 by Python integers: ``S``, ``y = round(S / e)`` (half to even) and the
+    log rounding, with no float anywhere."""
+    tokens, bits = 197, 4
+    attn = _attn(0.03, 100, bits, True, tokens)
+    codes = _score_rows(tokens, seed=1)
+    out = _run(
+        lambda ex, names: ex.log_int_softmax(names[0], attn, None, tokens), {"scores": codes}
+    )
+    table = [int(v) for v in attn.lis_exp_table.tolist()]
+    for row, got in zip(codes.tolist(), out.tolist()):
+        e = [table[max(row) - c] for c in row]
+        total = sum(e)
+        for e_i, p in zip(e, got):
+            if e_i == 0:
+                assert p == 0.0
+                continue
+            y = round(Fraction(total, e_i))  # Python rounds half to even
+            f = y.bit_length() - 1
+            r = f + (y - 2**f >= 2 ** (f - 1) if f > 0 else 0)
+            assert p == (2.0 ** (15 - r) if r < 16 else 0.0)
+
+
+def test_log_int_softmax_sends_masked_pairs_to_the_saturated_exponential():
+    """Swin's shift mask: masked pairs take the table's saturated entry and never the row max."""
+    tokens, windows = 16, 4
+    attn = _attn(0.06, 90, 4, False, tokens)
+    rng = np.random.default_rng(3)
+    codes = rng.integers(0, 256, (2, windows, 3, tokens, tokens)).astype(np.uint8)
+    mask = rng.random((windows, tokens, tokens)) < 0.5
+    mask[:, np.arange(tokens), np.arange(tokens)] = False  # every row keeps one pair
+    codes[..., np.arange(tokens), np.arange(tokens)] = 0  # ... whose code is the lowest
+    lis_mask = mask[None, :, None]
+    out = _run(
+        lambda ex, names: ex.log_int_softmax(names[0], attn, lis_mask, tokens), {"scores": codes}
+    )
+    reference = kernels.log_int_softmax_codes(
+        torch.from_numpy(codes), attn.lis_exp_table, kernels.lis_prob_table(4),
+        torch.from_numpy(lis_mask), exact_float64=attn.exact_float64,
+    )  # fmt: skip
+    assert np.array_equal(out * 2.0**-15, reference.numpy())
+
+
+# -- the PTF LayerNorm ---------------------------------------------------------------------------
+
+_TORCH_SQRT = torch.sqrt
+
+
+def _ieee_sqrt(x, *args, **kwargs):
+    """float32 sqrt correctly rounded, as ONNX Runtime's (see test_onnx_graph.py)."""
+    if isinstance(x, torch.Tensor) and x.dtype == torch.float32:
+        return _TORCH_SQRT(x.to(torch.float64), *args, **kwargs).to(torch.float32)
+    return _TORCH_SQRT(x, *args, **kwargs)
+
+
+def _ln_codes(tokens: int, channels: int, zero_point: int, seed: int) -> np.ndarray:
+    """Random tokens plus the extremes: every code at 0 / 255 on alternate channels (the largest
+    variance), one code off a constant, and a constant token but for one channel."""
+    rng = np.random.default_rng(seed)
+    codes = rng.integers(0, 256, (tokens, channels))
+    codes[0] = np.where(np.arange(channels) % 2, 255, 0)
+    codes[1] = zero_point
+    codes[1, 0] += 1
+    codes[2] = 255
+    codes[2, -1] = 0
+    codes[3] = rng.integers(zero_point - 3, zero_point + 4, channels)
+    return codes.astype(np.uint8)
+
+
+@pytest.mark.parametrize(
+    "channels, factors, out_type, gamma_scale",
+    [
+        (64, (1,), "uint8", 1.0),  # k = 1: squares in float32
+        (96, (1, 2, 4, 8), "uint8", 1.0),  # PTF up to 8: squares in float64
+        (96, (1, 2, 4, 8), "uint6", 1.0),  # a narrower output grid
+        (48, (1, 8), "uint8", 1e-9),  # |A| below 2**-24: N clamped at 31, large B
+        (48, (1, 8), "uint8", 1e4),  # |A| above 2**8: N clamped at 0, M at 255
+        (8256, (8,), "uint8", 1.0),  # C * 255 * 8 >= 2**24: the row sum in float64
+    ],
+)
+def test_integer_layernorm_equals_the_integer_models_kernel(
+    channels, factors, out_type, gamma_scale, monkeypatch
+):
+    monkeypatch.setattr(torch, "sqrt", _ieee_sqrt)
+    g = torch.Generator().manual_seed(channels)
+    k = torch.tensor(factors, dtype=torch.float32)[torch.arange(channels) % len(factors)]
+    in_point = _point(0.013 * k, 121)
+    out_point = _point(0.021, 131 if out_type == "uint8" else 30, out_type)
+    weight = (torch.randn(channels, generator=g) * 0.4 + 1) * gamma_scale
+    weight[::7] *= -1
+    bias = torch.randn(channels, generator=g) * 0.3
+    norm = SimpleNamespace(channels=channels, weight=weight, bias=bias, integer=True, eps=1e-6)
+    codes = _ln_codes(6 if channels > 1000 else 40, channels, 121, seed=channels)
+    out = _run(
+        lambda ex, names: ex.layer_norm(names[0], norm, in_point, out_point), {"codes": codes}
+    )
+    reference = kernels.int_layernorm_codes(
+        torch.from_numpy(codes), in_point.zero_point, in_point.scale, weight, bias,
+        out_point.scale, out_point.zero_point, out_point.bit_type,
+    )  # fmt: skip
+    assert np.array_equal(out, reference.numpy())
+
+
+@pytest.mark.parametrize("int64", [False, True])
+def test_log_int_softmax_rounds_a_tie_to_even(int64):
+    """``S / e = 2.5`` exactly (one code at the row maximum, three ``|x0|`` below it, whose
+    exponential is exactly half): ``y = 2`` (half to even), ``r = 1``, ``p = 1/2``; rounding half up
+    would give ``y = 3``, ``r = 2``. Both the float64 and the int64 division."""
+    attn = _attn(0.004, 117, 4, True, 4)
+    attn.exact_float64 = not int64  # the integer model's choice decides the path
+    x0 = int(torch.floor(-0.6931 / attn.lis_point().scale))
+    table = attn.lis_exp_table
+    assert float(table[-x0]) * 2 == float(table[0])  # e(|x0| below the max) = e(max) / 2
+    codes = np.array([[255, 255 + x0, 255 + x0, 255 + x0]], np.uint8)
+    out = _run(lambda ex, names: ex.log_int_softmax(names[0], attn, None, 4), {"scores": codes})
+    # the max: y = round(2.5) = 2 -> r = 1; the others: S / e = 5 -> r = floor(log2 5) + 0 = 2
+    assert (out * 2.0**-15).tolist() == [[0.5, 0.25, 0.25, 0.25]]
