@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ..bit_type import BitType
 from ..functional import int_exp
-from ..kernels.tables import layernorm_power
+from ..kernels.tables import layernorm_power, power_of_two
 
 __all__ = [
     "quantize",
@@ -35,6 +35,7 @@ __all__ = [
     "MASKED",
     "MASKED_2D",
     "lis_exp_table_2d",
+    "lis_prob_from_keys",
 ]
 
 #: Index of the saturated exponential in :func:`lis_exp_table` (entries ``0..255`` are ``t = 0..255``).
@@ -210,6 +211,17 @@ def lis_exponent_table(bits: int) -> Tensor:
     return r
 
 
+def lis_prob_from_keys(key: Tensor, bits: int) -> Tensor:
+    """``lis_prob_table(bits)[key]`` computed elementwise (float32; a compiled graph fuses it, a
+    gather it does not): ``r = (key >> 1) - 1023 + (key & 1)``, ``2**-r`` built from bits for
+    ``0 <= r < 2**bits`` (1 for ``r < 0``), 0 for ``r >= 2**bits`` and for the keys of inf and NaN
+    (4094, 4095). Equal to the table for every key (tested)."""
+    r = (key >> 1) - 1023 + (key & 1)
+    levels = 2**bits
+    prob = power_of_two(-torch.clamp(r, 0, levels - 1).to(torch.float32))
+    return torch.where((r >= levels) | (key >= 4094), 0.0, prob)
+
+
 def lis_prob_table(bits: int) -> Tensor:
     """``[4096]`` float32: ``2**-r`` (0 where ``r >= 2**bits``) for each key of :func:`_log_round`."""
     r = lis_exponent_table(bits)
@@ -223,6 +235,7 @@ def log_int_softmax_codes(
     mask: Tensor | None = None,
     *,
     exact_float64: bool = True,
+    softmax_bits: int | None = None,
 ) -> Tensor:
     """Log-Int-Softmax (§8) over the last dim of ``uint8`` score codes, by table lookups.
 
@@ -241,6 +254,10 @@ def log_int_softmax_codes(
     correctly rounded ``S / e`` rounds half to even as the exact quotient does (a quotient within
     ``2**-53`` relative of a half-integer is one: ``|S/e - (k + 1/2)| >= 1/(2e)`` otherwise).
     Otherwise ``S`` and ``y`` are computed in int64 with integer division.
+
+    ``softmax_bits`` (with ``out_table = lis_prob_table(softmax_bits)``): under ``torch.compile``
+    the probabilities are computed from the keys (:func:`lis_prob_from_keys`, the same values),
+    which fuses with the rest of the kernel; eager keeps the lookup.
     """
     shape = score_codes.shape
     # float codes: index arithmetic on integers below 2**17, exact in float32, one cast at the end
@@ -261,6 +278,8 @@ def log_int_softmax_codes(
         e = torch.index_select(exp_table, 0, flat).view(shape)
         y = torch.div(e.sum(dim=-1, keepdim=True), e, out=e).round_()
         key = y.view(torch.int64).bitwise_right_shift_(51)  # _log_round, in place
+        if softmax_bits is not None and torch.compiler.is_compiling():
+            return lis_prob_from_keys(key, softmax_bits)
         return torch.index_select(out_table, 0, key.view(-1)).view(shape)
     e = torch.index_select(exp_table.to(torch.int64), 0, flat).view(shape)
     total = e.sum(dim=-1, keepdim=True)

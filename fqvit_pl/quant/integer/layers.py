@@ -348,6 +348,7 @@ class IntegerAttention(nn.Module):
             probs = kernels.log_int_softmax_codes(
                 scores, self.lis_exp_table, self.lis_prob_table,
                 None if mask is None else mask != 0, exact_float64=self.exact_float64,
+                softmax_bits=self.softmax_bits,
             )  # fmt: skip
             probs = probs.view(batch, self.num_heads, tokens, tokens)
             context = kernels.int_matmul_exact(probs, v) * self.qkv_point.scale

@@ -76,6 +76,28 @@ def test_compiled_integer_layernorm_equals_eager():
     assert torch.equal(torch.compile(layernorm)(codes), layernorm(codes))
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_probabilities_from_keys_equal_the_table(bits):
+    keys = torch.arange(4096, dtype=torch.int64)
+    assert torch.equal(kernels.lis_prob_from_keys(keys, bits), kernels.lis_prob_table(bits))
+
+
+@torch.no_grad()
+def test_compiled_log_int_softmax_equals_eager():
+    """The compiled kernel computes the probabilities from the keys, eager looks them up."""
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(1)
+    table = kernels.lis_exp_table_2d(torch.tensor(0.037), torch.tensor(131.0))
+    probs = kernels.lis_prob_table(4)
+    codes = torch.randint(0, 256, (2, 4, 3, 49, 49), generator=g).to(torch.float32)
+    mask = (torch.rand(4, 49, 49, generator=g) < 0.3)[None, :, None]  # Swin's masked pairs
+
+    def lis(c: torch.Tensor) -> torch.Tensor:
+        return kernels.log_int_softmax_codes(c, table, probs, mask, softmax_bits=4)
+
+    assert torch.equal(torch.compile(lis)(codes), lis(codes))
+
+
 def test_compile_integer_refuses_a_float_model():
     with pytest.raises(TypeError, match="to_integer"):
         compile_integer(nn.Linear(2, 2))
