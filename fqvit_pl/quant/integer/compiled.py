@@ -44,8 +44,8 @@ def compile_integer(integer: nn.Module, backend: str | None = None) -> CompiledI
     integer model's with the same backend, bit for bit (the float operations whose last bit
     inductor could compute differently run as ATen's kernels: GELU, the LayerNorm's ``sqrt``).
 
-    Compilation happens at the first call and takes a while (about 1.5 minutes for deit_tiny at
-    224 on 2 CPU cores, more for larger models; each new input shape compiles again); later calls
+    Compilation happens at the first call and takes a while (1.5-5 minutes for deit_tiny at 224
+    on 2 shared CPU cores, more for larger models; each new input shape compiles again); later calls
     are fast. Inference only (no gradients).
     """
     if not hasattr(integer, "set_backend"):

@@ -78,6 +78,8 @@ class IntegerLinear(nn.Module):
     inside the GEMM when the point is a per-tensor uint8 one). The bias stays float32 (added to the
     accumulator's value, as the simulation adds it): rounding it to the accumulator's scale would move
     values by up to ``s_x * s_w / 2`` and cross rounding boundaries of the next point.
+    ``refresh()`` (which the integer model runs after conversion and every ``load_state_dict``)
+    rebuilds the derived ``weight_column_sum`` after the weight changed.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
