@@ -8,8 +8,11 @@ unit gain gives attention scores of a trained model's range, which selects the f
 the integer Log-Int-Softmax as real models do), one calibration batch. Rows, each paired with timm's float model (eager) in the same process:
 
 - ``integer eager``: the integer model as is (oneDNN's int8 GEMM where available);
-- ``integer compiled``: ``torch.compile`` of it with the ``torch._int_mm`` GEMMs (inductor fuses
-  the elementwise integer code around them; oneDNN's packed GEMM needs frozen graph constants);
+- ``integer compiled``: ``fqvit_pl.quant.compile_integer`` of it: one ``torch.compile`` graph with
+  inductor's freezing (weights and oneDNN's packed int8 weights as graph constants), the GEMM
+  backend ``--compile-backend`` (default: oneDNN's quantized linear where it runs, requantization
+  fused; ``int_mm``: ``torch._int_mm``); its logits are checked bit-equal to the eager integer
+  model's with the same backend before timing;
 - ``torchao int8`` (optional): torchao's X86InductorQuantizer (int8 linears only), compiled, when
   torchao is installed and works with this torch.
 
@@ -48,8 +51,22 @@ def _args() -> argparse.Namespace:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--no-compile", action="store_true", help="skip the compiled rows")
     parser.add_argument("--torchao", action="store_true", help="add torchao's int8 row")
+    parser.add_argument(
+        "--compile-backend",
+        nargs="+",
+        default=[None],
+        choices=["onednn", "int_mm"],
+        help="GEMM backend(s) of the compiled rows (default: compile_integer's)",
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--default-malloc", action="store_true")
+    parser.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="cpu: this process's CPU time (time.process_time), robust to other jobs on a busy "
+        "machine; meaningful with --threads 1",
+    )
     return parser.parse_args()
 
 
@@ -57,17 +74,19 @@ def _state_bytes(module) -> int:
     return sum(t.numel() * t.element_size() for t in module.state_dict().values())
 
 
-def _paired(float_fn, int_fn, reps: int, sync) -> tuple[float, float, float]:
+def _paired(
+    float_fn, int_fn, reps: int, sync, clock=time.perf_counter
+) -> tuple[float, float, float]:
     """Median (float ms, integer ms, float / integer) over ``reps`` back-to-back pairs."""
     pairs = []
     for _ in range(reps):
-        t0 = time.perf_counter()
+        t0 = clock()
         float_fn()
         sync()
-        t1 = time.perf_counter()
+        t1 = clock()
         int_fn()
         sync()
-        t2 = time.perf_counter()
+        t2 = clock()
         pairs.append((t1 - t0, t2 - t1))
     ratio = statistics.median(a / b for a, b in pairs)
     return (
@@ -106,7 +125,7 @@ def main() -> None:
     import torch
 
     from fqvit_pl.models import create_model
-    from fqvit_pl.quant import calibrate, to_integer
+    from fqvit_pl.quant import calibrate, compile_integer, to_integer
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -116,8 +135,10 @@ def main() -> None:
         if args.default_malloc
         else ", ".join(f"{k}={v}" for k, v in MALLOC.items())
     )
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     print(
-        f"torch {torch.__version__}, {args.threads} threads, batch {args.batch}x3x224x224, "
+        f"torch {torch.__version__}, {args.threads} threads, {args.clock} clock, "
+        f"load average {os.getloadavg()[0]:.1f}, batch {args.batch}x3x224x224, "
         f"device {device}, allocator: {malloc}; ratio = median of {args.reps} paired runs"
     )
     print("| model | row | float, timm (ms) | integer (ms) | speed-up vs float | bytes vs float |")
@@ -140,8 +161,12 @@ def main() -> None:
             size = _state_bytes(integer) / _state_bytes(reference)
             rows = [("integer eager", integer)]
             if not args.no_compile:
-                compiled_source = to_integer(model).set_backend("int_mm")
-                rows.append(("integer compiled", torch.compile(compiled_source)))
+                for backend in args.compile_backend:
+                    source = to_integer(model)
+                    compiled = compile_integer(source, backend)
+                    if not torch.equal(compiled(images), source(images)):
+                        raise SystemExit(f"{name}: compiled logits differ from eager ({backend})")
+                    rows.append((f"integer compiled ({compiled.backend}, frozen)", compiled))
             if args.torchao:
                 ao = _torchao_model(reference, images)
                 if ao is not None:
@@ -152,7 +177,7 @@ def main() -> None:
                     runner(images)
                 sync()
                 f_ms, i_ms, ratio = _paired(
-                    lambda: reference(images), lambda: runner(images), args.reps, sync
+                    lambda: reference(images), lambda: runner(images), args.reps, sync, clock
                 )
                 print(
                     f"| {name} | {label} | {f_ms:.0f} | {i_ms:.0f} | **{ratio:.2f}x** | "

@@ -26,7 +26,12 @@ from .checks import (
     guard_calibration_config,
 )
 from .config import METHODS, ROLES, CalibrationConfigError, PointConfig, QuantConfig
-from .integer import IntegerConversionError, build_integer_model, to_integer
+from .integer import (
+    IntegerConversionError,
+    build_integer_model,
+    compile_integer,
+    to_integer,
+)
 from .kernels import fast_kernels, fast_kernels_enabled, set_fast_kernels
 from .modules import QuantAct, QuantConv2d, QuantLayerNorm, QuantLinear, QuantModule, QuantSoftmax
 from .observers import (
@@ -91,6 +96,7 @@ __all__ = [
     "fast_kernels",
     "fast_kernels_enabled",
     "to_integer",
+    "compile_integer",
     "build_integer_model",
     "IntegerConversionError",
 ]

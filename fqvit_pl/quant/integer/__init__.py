@@ -8,12 +8,15 @@ Does not import Lightning.
 """
 
 from . import kernels
+from .compiled import CompiledIntegerModel, compile_integer
 from .convert import IntegerConversionError, to_integer
 from .layers import IntegerAttention, IntegerLayerNorm, IntegerLinear, IntegerMlp, IntPoint
 from .models import IntegerSwin, IntegerViT, build_integer_model
 
 __all__ = [
     "to_integer",
+    "compile_integer",
+    "CompiledIntegerModel",
     "IntegerConversionError",
     "build_integer_model",
     "IntegerViT",

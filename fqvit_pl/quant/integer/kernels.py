@@ -16,6 +16,7 @@ from torch import Tensor
 
 from ..bit_type import BitType
 from ..functional import int_exp
+from ..kernels.tables import layernorm_power, power_of_two
 
 __all__ = [
     "quantize",
@@ -34,6 +35,7 @@ __all__ = [
     "MASKED",
     "MASKED_2D",
     "lis_exp_table_2d",
+    "lis_prob_from_keys",
 ]
 
 #: Index of the saturated exponential in :func:`lis_exp_table` (entries ``0..255`` are ``t = 0..255``).
@@ -209,6 +211,17 @@ def lis_exponent_table(bits: int) -> Tensor:
     return r
 
 
+def lis_prob_from_keys(key: Tensor, bits: int) -> Tensor:
+    """``lis_prob_table(bits)[key]`` computed elementwise (float32; a compiled graph fuses it, a
+    gather it does not): ``r = (key >> 1) - 1023 + (key & 1)``, ``2**-r`` built from bits for
+    ``0 <= r < 2**bits`` (1 for ``r < 0``), 0 for ``r >= 2**bits`` and for the keys of inf and NaN
+    (4094, 4095). Equal to the table for every key (tested)."""
+    r = (key >> 1) - 1023 + (key & 1)
+    levels = 2**bits
+    prob = power_of_two(-torch.clamp(r, 0, levels - 1).to(torch.float32))
+    return torch.where((r >= levels) | (key >= 4094), 0.0, prob)
+
+
 def lis_prob_table(bits: int) -> Tensor:
     """``[4096]`` float32: ``2**-r`` (0 where ``r >= 2**bits``) for each key of :func:`_log_round`."""
     r = lis_exponent_table(bits)
@@ -222,6 +235,7 @@ def log_int_softmax_codes(
     mask: Tensor | None = None,
     *,
     exact_float64: bool = True,
+    softmax_bits: int | None = None,
 ) -> Tensor:
     """Log-Int-Softmax (§8) over the last dim of ``uint8`` score codes, by table lookups.
 
@@ -240,6 +254,10 @@ def log_int_softmax_codes(
     correctly rounded ``S / e`` rounds half to even as the exact quotient does (a quotient within
     ``2**-53`` relative of a half-integer is one: ``|S/e - (k + 1/2)| >= 1/(2e)`` otherwise).
     Otherwise ``S`` and ``y`` are computed in int64 with integer division.
+
+    ``softmax_bits`` (with ``out_table = lis_prob_table(softmax_bits)``): under ``torch.compile``
+    the probabilities are computed from the keys (:func:`lis_prob_from_keys`, the same values),
+    which fuses with the rest of the kernel; eager keeps the lookup.
     """
     shape = score_codes.shape
     # float codes: index arithmetic on integers below 2**17, exact in float32, one cast at the end
@@ -260,6 +278,8 @@ def log_int_softmax_codes(
         e = torch.index_select(exp_table, 0, flat).view(shape)
         y = torch.div(e.sum(dim=-1, keepdim=True), e, out=e).round_()
         key = y.view(torch.int64).bitwise_right_shift_(51)  # _log_round, in place
+        if softmax_bits is not None and torch.compiler.is_compiling():
+            return lis_prob_from_keys(key, softmax_bits)
         return torch.index_select(out_table, 0, key.view(-1)).view(shape)
     e = torch.index_select(exp_table.to(torch.int64), 0, flat).view(shape)
     total = e.sum(dim=-1, keepdim=True)
@@ -284,6 +304,7 @@ def int_layernorm_codes(
     out_bit_type: BitType,
     *,
     bits: int = 7,
+    sum_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """The integer LayerNorm of §7 on LN-input codes ``[..., C]``: returns the codes of the next point.
 
@@ -299,6 +320,10 @@ def int_layernorm_codes(
     power of two is exact; round is half to even), and the codes are ``clamp(y_q + zp_out)``.
     Equal to the simulation whenever its float32 sums are exact (below 2**24); otherwise this one
     is the exact one.
+
+    ``sum_dtype``: the dtype of ``sum x_q`` (float32 is exact while ``C * 255 * max(k) < 2**24``);
+    ``None`` reads ``max(k)`` from the scales (a data-dependent decision ``torch.compile`` cannot
+    trace: the integer layers pass it, decided when the model is converted).
     """
     channels = codes.shape[-1]
     in_scale = in_scale.reshape(-1)
@@ -313,20 +338,31 @@ def int_layernorm_codes(
     else:
         x_q = codes.to(torch.float32).sub_(zero_point).mul_(k)
     # |x_q| <= 255 * max(k): the row sum is exact in float32 below 2**24 (no float64 copy of x_q)
-    sum_type = torch.float32 if channels * 255 * float(k.max()) < 2**24 else torch.float64
-    total = x_q.sum(dim=-1, keepdim=True, dtype=sum_type)
+    if sum_dtype is None:
+        sum_dtype = layernorm_sum_dtype(channels, float(k.max()))
+    total = x_q.sum(dim=-1, keepdim=True, dtype=sum_dtype)
     squares = (x_q * x_q).sum(dim=-1, keepdim=True, dtype=torch.float64)
     total_f, squares_f = total.to(torch.float32), squares.to(torch.float32)
     mean = (total_f / channels) * s_min
-    std = (s_min / channels) * torch.sqrt(channels * squares_f - total_f**2)
-    # the contract's float32 steps 3-4 (in place on fresh tensors: same operations, same order);
-    # 2**n by exp2: the exact power of two for integer n, as pow(2.0, n)
-    a = (s_min / std) * weight
-    a.div_(out_scale)
-    # fewer passes, the same values: bits - f is the exact -f + bits of small integers (or +-inf),
-    # and sign(a) * floor(|a| * p) clamped to M's range is trunc(a * p) clamped symmetrically
-    p = torch.abs(a).log2_().floor_()
-    p = torch.sub(bits, p, out=p).clamp_(0, 31).exp2_()
+    variance = channels * squares_f - total_f**2
+    if torch.compiler.is_compiling():
+        # ATen's CPU sqrt is not always inductor's correctly rounded one: keep eager's kernel
+        std = (s_min / channels) * torch.ops.fqvit.integer_sqrt(variance)
+        a = ((s_min / std) * weight) / out_scale
+        # floor(log2) from exponent bits and ATen's log2 thresholds, 2**N from bits: the same
+        # values as the eager lines below for every non-NaN a, and it fuses
+        p = layernorm_power(torch.abs(a), bits)
+    else:
+        std = (s_min / channels) * torch.sqrt(variance)
+        # the contract's float32 steps 3-4 (in place on fresh tensors: same operations, same
+        # order); 2**n by exp2: the exact power of two for integer n, as pow(2.0, n)
+        a = (s_min / std) * weight
+        a.div_(out_scale)
+        # fewer passes, the same values: bits - f is the exact -f + bits of small integers (or
+        # +-inf), and sign(a) * floor(|a| * p) clamped to M's range is trunc(a * p) clamped
+        # symmetrically
+        p = torch.abs(a).log2_().floor_()
+        p = torch.sub(bits, p, out=p).clamp_(0, 31).exp2_()
     signed_m = a.mul_(p).trunc_().clamp_(-(2 ** (bits + 1) - 1), 2 ** (bits + 1) - 1)
     b = (mean / std) * weight
     b = torch.sub(bias, b, out=b).div_(out_scale).mul_(p).round_()
@@ -334,6 +370,23 @@ def int_layernorm_codes(
     v = signed_m.to(torch.float64).mul_(x_q).add_(b).div_(p).round_()
     v.add_(out_zero_point.reshape(-1)[0]).clamp_(out_bit_type.lower, out_bit_type.upper)
     return v.to(torch.uint8)
+
+
+@torch.library.custom_op("fqvit::integer_sqrt", mutates_args=())
+def _aten_sqrt(x: Tensor) -> Tensor:
+    """``torch.sqrt`` by ATen's kernel, opaque to inductor (the compiled integer LayerNorm's std)."""
+    return torch.sqrt(x)
+
+
+@_aten_sqrt.register_fake
+def _(x: Tensor) -> Tensor:
+    return torch.empty_like(x)
+
+
+def layernorm_sum_dtype(channels: int, max_step: float) -> torch.dtype:
+    """The dtype in which :func:`int_layernorm_codes` sums ``x_q``: float32 while every partial sum
+    (at most ``channels * 255 * max_step`` in magnitude) is an integer below 2**24, else float64."""
+    return torch.float32 if channels * 255 * max_step < 2**24 else torch.float64
 
 
 def linear_codes(x: Tensor) -> Tensor:

@@ -39,11 +39,16 @@ class IntPoint(nn.Module):
         self.register_buffer("zero_point", torch.zeros(shape))
         self.py_scale = 1.0
         self.py_zero_point = 0
+        self.py_max_step = 1.0
 
     def refresh(self) -> None:
-        """Copy a per-tensor scale and the (shared) zero point to Python numbers (for oneDNN's calls)."""
+        """Copy a per-tensor scale, the (shared) zero point and the largest PTF step
+        ``max round(scale / min(scale))`` to Python numbers: oneDNN's calls take them, and the
+        integer LayerNorm decides its sum dtype from them when the model is built, not in forward
+        (a decision read from a tensor would break a ``torch.compile`` graph)."""
         self.py_scale = float(self.scale.reshape(-1)[0])
         self.py_zero_point = int(self.zero_point.reshape(-1)[0])
+        self.py_max_step = float(torch.round(self.scale / self.scale.min()).max())
 
     @property
     def per_tensor(self) -> bool:
@@ -73,6 +78,8 @@ class IntegerLinear(nn.Module):
     inside the GEMM when the point is a per-tensor uint8 one). The bias stays float32 (added to the
     accumulator's value, as the simulation adds it): rounding it to the accumulator's scale would move
     values by up to ``s_x * s_w / 2`` and cross rounding boundaries of the next point.
+    ``refresh()`` (which the integer model runs after conversion and every ``load_state_dict``)
+    rebuilds the derived ``weight_column_sum`` after the weight changed.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
@@ -83,18 +90,21 @@ class IntegerLinear(nn.Module):
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
         self.backend = "onednn" if kernels.onednn_available() else "int_mm"
         self._packed: Tensor | None = None
-        self._zp_correction: tuple[int, Tensor] | None = None
+        # derived: sum_k c_w per output channel (int32 [out]), for the int_mm zero-point term
+        self.register_buffer(
+            "weight_column_sum", torch.zeros(out_features, dtype=torch.int32), persistent=False
+        )
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(super().__getstate__())
         state["_packed"] = None  # derived, never pickled or deep-copied
-        state["_zp_correction"] = None
         return state
 
     def refresh(self) -> None:
-        """Drop derived state (packed weights) after the buffers changed."""
+        """Rebuild derived state (the weight's column sums; packed weights on demand) after the
+        buffers changed."""
         self._packed = None
-        self._zp_correction = None
+        self.weight_column_sum = self.weight.to(torch.int32).sum(dim=1)
 
     def _packed_weight(self) -> Tensor:
         if self._packed is None:
@@ -102,10 +112,8 @@ class IntegerLinear(nn.Module):
         return self._packed
 
     def _correction(self, zero_point: int) -> Tensor:
-        if self._zp_correction is None or self._zp_correction[0] != zero_point:
-            column = self.weight.to(torch.int32).sum(dim=1)
-            self._zp_correction = (zero_point, (128 - zero_point) * column)
-        return self._zp_correction[1]
+        # computed in forward from a buffer: no Python cache that a compiled graph would guard on
+        return (128 - zero_point) * self.weight_column_sum
 
     def forward(self, codes: Tensor, in_point: IntPoint) -> Tensor:
         lead = codes.shape[:-1]
@@ -163,6 +171,7 @@ class IntegerLayerNorm(nn.Module):
             return kernels.int_layernorm_codes(
                 codes, in_point.zero_point, in_point.scale, self.weight, self.bias,
                 out_point.scale, out_point.zero_point, out_point.bit_type,
+                sum_dtype=kernels.layernorm_sum_dtype(self.channels, in_point.py_max_step),
             )  # fmt: skip
         x = (
             in_point.dequantize(codes)
@@ -341,6 +350,7 @@ class IntegerAttention(nn.Module):
             probs = kernels.log_int_softmax_codes(
                 scores, self.lis_exp_table, self.lis_prob_table,
                 None if mask is None else mask != 0, exact_float64=self.exact_float64,
+                softmax_bits=self.softmax_bits,
             )  # fmt: skip
             probs = probs.view(batch, self.num_heads, tokens, tokens)
             context = kernels.int_matmul_exact(probs, v) * self.qkv_point.scale
