@@ -23,7 +23,7 @@ __all__ = ["ResultRow", "RESULT_COLUMNS", "format_summary", "append_result", "ch
 class ResultRow:
     """The outcome of one validation/test run.
 
-    Accuracies are percentages (as in ``docs/paper_table.csv``); ``None`` marks a value the run did
+    Accuracies are percentages (as in ``fqvit_pl/reference/paper_table.csv``); ``None`` marks a value the run did
     not measure (e.g. ``calib_seconds`` when a calibrated checkpoint was evaluated as is).
     """
 

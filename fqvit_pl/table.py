@@ -60,10 +60,10 @@ class TableOptions:
         rows: per method, ``plain`` (no PTS, no LIS), ``pts`` (w/ PTS) and ``pts_lis`` (w/ PTS, LIS).
         ckpt_path: float weights from a checkpoint of ``main.py fit`` (a Lightning checkpoint of
             ``QuantViTModule``), for one model; its calibration is not used.
-        peers: add the published numbers of other methods (docs/peer_results.csv) as a labelled
+        peers: add the published numbers of other methods (fqvit_pl/reference/peer_results.csv) as a labelled
             comparison table.
-        paper_csv: the paper's table; default docs/paper_table.csv of this project.
-        peers_csv: other methods' numbers; default docs/peer_results.csv.
+        paper_csv: the paper's table; default fqvit_pl/reference/paper_table.csv.
+        peers_csv: other methods' numbers; default fqvit_pl/reference/peer_results.csv.
         output: the Markdown table; default ``table.md`` next to the results CSV (and its figure
             ``table.png``).
     """

@@ -31,7 +31,7 @@ def _rows(path):
 
 
 def _paper(model, method, ptf, lis):
-    with open(REPO / "docs" / "paper_table.csv", newline="") as f:
+    with open(REPO / "fqvit_pl" / "reference" / "paper_table.csv", newline="") as f:
         for row in csv.DictReader(f):
             if (row["method"], row["ptf"], row["lis"]) == (method, ptf, lis):
                 return float(row[model])

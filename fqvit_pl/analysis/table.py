@@ -1,4 +1,5 @@
-"""The paper's table (docs/paper_table.csv), other methods' numbers (docs/peer_results.csv) and the
+"""The paper's table (fqvit_pl/reference/paper_table.csv), other methods' numbers
+(fqvit_pl/reference/peer_results.csv) and the
 Markdown table of our results next to them. Pure functions over CSV rows; no Lightning.
 
 A *cell* is one (model, method, ptf, lis) evaluation; the paper's rows are, per method, plain
@@ -19,7 +20,7 @@ __all__ = [
     "METHOD_NAMES",
     "ROW_KINDS",
     "FULL_PRECISION",
-    "default_docs_path",
+    "reference_path",
     "plan_cells",
     "read_paper_table",
     "read_peer_results",
@@ -58,9 +59,10 @@ class Cell:
         return name
 
 
-def default_docs_path(filename: str) -> Path:
-    """``docs/<filename>`` of this project (next to the ``fqvit_pl`` package in a source checkout)."""
-    return Path(__file__).resolve().parents[2] / "docs" / filename
+def reference_path(filename: str) -> Path:
+    """``fqvit_pl/reference/<filename>``: the published numbers, shipped inside the package (so
+    that an installed, non-editable ``fqvit_pl`` finds them too)."""
+    return Path(__file__).resolve().parents[1] / "reference" / filename
 
 
 def plan_cells(models: Sequence[str], methods: Sequence[str], rows: Sequence[str]) -> list[Cell]:
@@ -102,7 +104,7 @@ def _read_csv(path: str | os.PathLike, what: str) -> list[dict[str, str]]:
 def read_paper_table(path: str | os.PathLike | None = None) -> dict[str, dict[str, object]]:
     """The paper's top-1 by row label: ``{label: {"bits": "8/8/4", "<model>": float, ...}}``."""
     table: dict[str, dict[str, object]] = {}
-    for row in _read_csv(path or default_docs_path("paper_table.csv"), "paper table"):
+    for row in _read_csv(path or reference_path("paper_table.csv"), "paper table"):
         method = row["method"]
         if method == "full_precision":
             label = FULL_PRECISION
@@ -119,7 +121,7 @@ def read_paper_table(path: str | os.PathLike | None = None) -> dict[str, dict[st
 def read_peer_results(path: str | os.PathLike | None = None) -> list[dict[str, object]]:
     """Other methods' published numbers: dicts with method, model, w_bits, a_bits, top1, notes."""
     rows = []
-    for row in _read_csv(path or default_docs_path("peer_results.csv"), "peer results"):
+    for row in _read_csv(path or reference_path("peer_results.csv"), "peer results"):
         rows.append(
             {
                 "method": row["method"],
