@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ..bit_type import BitType
 from ..functional import int_exp
-from ..kernels.tables import layernorm_power, power_of_two
+from ..kernels.tables import layernorm_power, probabilities_from_keys
 
 __all__ = [
     "quantize",
@@ -213,13 +213,12 @@ def lis_exponent_table(bits: int) -> Tensor:
 
 def lis_prob_from_keys(key: Tensor, bits: int) -> Tensor:
     """``lis_prob_table(bits)[key]`` computed elementwise (float32; a compiled graph fuses it, a
-    gather it does not): ``r = (key >> 1) - 1023 + (key & 1)``, ``2**-r`` built from bits for
-    ``0 <= r < 2**bits`` (1 for ``r < 0``), 0 for ``r >= 2**bits`` and for the keys of inf and NaN
-    (4094, 4095). Equal to the table for every key (tested)."""
-    r = (key >> 1) - 1023 + (key & 1)
-    levels = 2**bits
-    prob = power_of_two(-torch.clamp(r, 0, levels - 1).to(torch.float32))
-    return torch.where((r >= levels) | (key >= 4094), 0.0, prob)
+    gather it does not): ``2**-r`` for ``r = (key >> 1) - 1023 + (key & 1)``, 1 for ``r < 0``, 0
+    for ``r >= 2**bits`` and for the keys of inf and NaN (4094, 4095). Equal to the table for every
+    key where ``2**bits - 1 <= 126`` (tested), and for every key the kernels produce at any ``bits``:
+    ``y < 2**52``, so ``r <= 52`` (the rule cannot build the table's subnormal ``2**-r``, ``r > 126``)."""
+    out = probabilities_from_keys(key, bits, exponent_bias=1023)
+    return torch.where(key >= 4094, 0.0, out)
 
 
 def lis_prob_table(bits: int) -> Tensor:

@@ -106,6 +106,20 @@ def power_of_two(k: Tensor) -> Tensor:
     return torch.bitwise_left_shift(k.to(torch.int32) + 127, 23).view(torch.float32)
 
 
+def probabilities_from_keys(keys: Tensor, bits: int, exponent_bias: int) -> Tensor:
+    """``2**-r`` (float32) for the keys ``2 E + h`` of the §8 log rounding, elementwise (a compiled
+    graph fuses it, a table gather it does not).
+
+    ``E`` is the biased exponent of ``y`` and ``h`` its first mantissa bit (:func:`lis_table`), so
+    ``r = E - exponent_bias + h`` (127 for float32 ``y``, 1023 for float64); 1 where ``r <= 0``, 0
+    where ``r >= 2**bits``. Exact for ``r <= 126`` (a normal float32 ``2**-r``): for every key when
+    ``2**bits - 1 <= 126``.
+    """
+    levels = 2**bits
+    r = torch.bitwise_right_shift(keys, 1) + torch.bitwise_and(keys, 1) - exponent_bias
+    return torch.where(r >= levels, 0.0, power_of_two(-torch.clamp(r, 0, levels - 1)))
+
+
 def layernorm_power(a: Tensor, bits: int) -> Tensor:
     """``2**N`` with ``N = clamp(bits - floor(torch.log2(a)), 0, 31)`` for ``a = |A| >= 0`` (§7 step 3).
 

@@ -24,7 +24,12 @@ from torch import Tensor
 
 from ..functional import IBERT_B, IBERT_C, INT_EXP_N, LN2
 from .inplace import inverse_probabilities, layernorm_row_stats
-from .tables import layernorm_power, lis_table, power_of_two
+from .tables import (
+    layernorm_power,
+    lis_table,
+    power_of_two,
+    probabilities_from_keys,
+)
 
 __all__ = ["log_int_softmax", "int_layernorm", "lis_from_keys"]
 
@@ -80,9 +85,7 @@ def lis_from_keys(keys: Tensor, bits: int) -> Tensor:
     """The entries of :func:`.tables.lis_table` for int32 ``keys``, by the rule the table encodes
     (``r = E - 127 + h``) instead of a gather: faster in a fused compiled kernel. For
     ``2**bits - 1 <= 126`` (every output a normal float)."""
-    levels = 2**bits
-    r = torch.bitwise_right_shift(keys, 1) + torch.bitwise_and(keys, 1) - 127
-    out = torch.where(r >= levels, 0.0, power_of_two(-torch.clamp(r, 0, levels - 1)))
+    out = probabilities_from_keys(keys, bits, exponent_bias=127)
     return torch.where(keys == 511, float("nan"), out)  # 510, inf (e == 0): 0 as r >= levels
 
 

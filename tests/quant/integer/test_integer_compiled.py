@@ -76,7 +76,7 @@ def test_compiled_integer_layernorm_equals_eager():
     assert torch.equal(torch.compile(layernorm)(codes), layernorm(codes))
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("bits", [2, 3, 4, 6])
 def test_probabilities_from_keys_equal_the_table(bits):
     keys = torch.arange(4096, dtype=torch.int64)
     assert torch.equal(kernels.lis_prob_from_keys(keys, bits), kernels.lis_prob_table(bits))
