@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from datamodules.imagenet import calibration_subset, check_int
+from datamodules.imagenet import calibration_subset
+from fqvit_pl.checks import check_int
 from fqvit_pl.distributed import eval_sampler
 
 __all__ = ["DigitsDataModule"]

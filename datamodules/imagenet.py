@@ -11,6 +11,7 @@ from timm.data import create_transform
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.datasets import ImageFolder
 
+from fqvit_pl.checks import check_int
 from fqvit_pl.distributed import eval_sampler
 from fqvit_pl.models.preprocess import create_eval_transform, resolve_data_config
 
@@ -83,12 +84,6 @@ def calibration_subset(
     generator = torch.Generator().manual_seed(seed)
     indices = torch.randperm(len(dataset), generator=generator)[:needed]
     return Subset(dataset, indices.tolist())
-
-
-def check_int(name: str, value: int, minimum: int = 1) -> None:
-    """Raise ``ValueError`` naming the option unless ``value`` is an int ``>= minimum``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
 class ImageNetDataModule(pl.LightningDataModule):

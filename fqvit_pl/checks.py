@@ -13,6 +13,7 @@ import tempfile
 from typing import Any, Mapping, Optional, Sequence
 
 __all__ = [
+    "check_int",
     "check_writable_file",
     "check_precision",
     "check_data_root",
@@ -23,6 +24,13 @@ __all__ = [
     "FLOAT32_PRECISIONS",
     "RUN_OPTIONS",
 ]
+
+
+def check_int(name: str, value: int, minimum: int = 1) -> None:
+    """Raise ``ValueError`` naming the option unless ``value`` is an int ``>= minimum`` (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
 
 #: Trainer precisions that keep the network in float32 (fake quantization is defined in float32).
 FLOAT32_PRECISIONS = ("32", "32-true")

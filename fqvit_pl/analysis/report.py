@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 from torch import Tensor, nn
 
+from fqvit_pl.checks import check_int
 from fqvit_pl.quant import QuantAct, QuantLayerNorm, QuantModule, QuantSoftmax, quant_modules
 
 from .layers import layer_groups, layer_units
@@ -718,8 +719,7 @@ def quant_report(
     ``chunk_size`` bounds the images analyzed at once (the float outputs of every point of a
     chunk are held in memory). Raises ``ValueError`` for an uncalibrated network or no images.
     """
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"quant_report: chunk_size must be a positive int, got {chunk_size!r}")
+    check_int("quant_report: chunk_size", chunk_size)
     modules = quant_modules(model)
     if not modules:
         raise ValueError(

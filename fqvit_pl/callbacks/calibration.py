@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 from typing_extensions import override
 
-from fqvit_pl.checks import check_precision, check_writable_file
+from fqvit_pl.checks import check_int, check_precision, check_writable_file
 from fqvit_pl.distributed import shard_batch
 from fqvit_pl.quant import calibrate as calibrate_model
 from fqvit_pl.quant import (
@@ -93,12 +93,8 @@ class QuantCalibration(pl.Callback):
         progress_bar: bool = True,
         save_path: Optional[str] = None,
     ) -> None:
-        if num_batches is not None and (
-            isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1
-        ):
-            raise ValueError(
-                f"QuantCalibration: num_batches must be a positive int or None, got {num_batches!r}"
-            )
+        if num_batches is not None:
+            check_int("QuantCalibration: num_batches (or None)", num_batches)
         self.num_batches = num_batches
         self.recalibrate = recalibrate
         self.batch_to_input = batch_to_input or default_batch_to_input

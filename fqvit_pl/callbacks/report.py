@@ -17,6 +17,7 @@ from fqvit_pl.analysis import quant_report, write_report
 from fqvit_pl.analysis.table import Cell, format_table, read_paper_table, read_results
 from fqvit_pl.callbacks.calibration import QuantCalibration
 from fqvit_pl.callbacks.results import ResultsWriter
+from fqvit_pl.checks import check_int
 from fqvit_pl.quant import is_calibrated, quant_modules
 
 __all__ = ["QuantReport"]
@@ -65,10 +66,7 @@ class QuantReport(pl.Callback):
         log_images: bool = True,
         figures: bool = True,
     ) -> None:
-        if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
-            raise ValueError(
-                f"QuantReport: num_batches must be a positive int, got {num_batches!r}"
-            )
+        check_int("QuantReport: num_batches", num_batches)
         self.dir = dir
         self.num_batches = num_batches
         self.sensitivity = sensitivity

@@ -13,6 +13,7 @@ from typing import Any
 from timm.data import create_transform
 from torchvision import transforms
 
+from ..checks import check_int
 from .registry import get_model_spec
 
 __all__ = ["FAMILY_CONFIGS", "resolve_data_config", "create_eval_transform"]
@@ -52,8 +53,7 @@ def resolve_data_config(name: str, img_size: int = 224) -> dict[str, Any]:
             non-positive ``img_size``.
     """
     family = get_model_spec(name).family
-    if isinstance(img_size, bool) or not isinstance(img_size, int) or img_size <= 0:
-        raise ValueError(f"img_size must be a positive int, got {img_size!r}")
+    check_int("img_size", img_size)
     mean, std, crop_pct = FAMILY_CONFIGS[family]
     return {
         "input_size": (3, img_size, img_size),
@@ -90,8 +90,7 @@ def create_eval_transform(
             raise ValueError(f"data config lacks keys {missing}; expected {list(_REQUIRED_KEYS)}")
         config = dict(name_or_config)
         if img_size is not None:
-            if isinstance(img_size, bool) or not isinstance(img_size, int) or img_size <= 0:
-                raise ValueError(f"img_size must be a positive int, got {img_size!r}")
+            check_int("img_size", img_size)
             config["input_size"] = (3, img_size, img_size)
     return create_transform(
         input_size=tuple(config["input_size"]),
