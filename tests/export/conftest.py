@@ -1,12 +1,8 @@
 """Tests of fqvit_pl.export run single-threaded (bitwise comparisons, shared CPU)."""
 
 import pytest
-import torch
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _single_threaded(one_thread):
+    """Every test here runs on one thread (``one_thread``, tests/conftest.py)."""

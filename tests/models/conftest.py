@@ -51,12 +51,8 @@ def make_timm(arch: str, seed: int = 0, **kwargs) -> nn.Module:
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """These tensors are small: one thread is as fast, and immune to the stalls of a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _single_threaded(one_thread):
+    """Every test here runs on one thread (``one_thread``, tests/conftest.py)."""
 
 
 @pytest.fixture

@@ -24,6 +24,9 @@ SWIN = dict(img_size=64, patch_size=4, window_size=4, embed_dim=32, depths=(2, 2
 ARCHS = {"deit_tiny": VIT, "vit_base": VIT, "swin_tiny": SWIN}
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 @torch.no_grad()
 def _randomize(model: nn.Module, seed: int, outliers: bool) -> nn.Module:
     """Unit-gain random weights (as tests/models/conftest.py); ``outliers``: 8x channels in the stream."""
@@ -69,14 +72,6 @@ def _calibrated(name: str, method: str, outliers: bool, seed: int = 0) -> nn.Mod
     )
     calibrate(model, [_images(8, kwargs["img_size"], s) for s in range(2)])
     return model
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 #: Cases measured above the 5% bar (rare one-code differences at GEMM/GELU rounding boundaries
