@@ -166,21 +166,7 @@ def test_too_small_train_split_for_calibration_is_an_error(tmp_path):
     root = tmp_path / "imagenet"
     _write_imagefolder(root, train=1)
     with pytest.raises(ValueError, match="calibration needs 3 batches of 2 = 6 images"):
-        cli_main(
-            [
-                "validate",
-                "--config",
-                str(CONFIGS / "deit_tiny.yaml"),
-                *QUIET,
-                *TINY_IMAGENET,
-                "--data.root",
-                str(root),
-                "--results.csv_path",
-                "null",
-                "--trainer.default_root_dir",
-                str(tmp_path / "runs"),
-            ]
-        )
+        cli_main(_imagenet_args(tmp_path))
 
 
 def test_every_table_model_has_a_config():

@@ -12,6 +12,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from brute_force import logits_with
 from torch import nn
 
 from fqvit_pl.analysis import quant_report
@@ -239,10 +240,7 @@ def test_sensitivity_and_accumulated_errors_equal_brute_force(vit):
     modules = {m.qname: m for m in quant_modules(model)}
 
     def run(quantized):
-        for name, module in modules.items():
-            module.set_quantization(quantized(name))
-        with torch.no_grad():
-            return model(images)
+        return logits_with(model, images, quantized)
 
     try:
         reference = run(lambda n: False)

@@ -2,11 +2,12 @@
 
 import pytest
 import torch
+from brute_force import logits_with
 
 from fqvit_pl.analysis import quant_report
 from fqvit_pl.analysis.metrics import ErrorStats
 from fqvit_pl.models import create_model
-from fqvit_pl.quant import calibrate, enable_quantization, quant_modules
+from fqvit_pl.quant import calibrate, enable_quantization
 
 SWIN = dict(img_size=32, patch_size=4, window_size=4, embed_dim=16, depths=(2, 2), num_heads=(1, 2))
 
@@ -43,13 +44,9 @@ def test_swin_layers_and_their_sensitivity_equal_brute_force(swin):
         "layers.1.blocks.1",
         "head",
     }
-    modules = {m.qname: m for m in quant_modules(model)}
 
     def run(quantized):
-        for name, module in modules.items():
-            module.set_quantization(quantized(name))
-        with torch.no_grad():
-            return model(images)
+        return logits_with(model, images, quantized)
 
     try:
         reference = run(lambda n: False)
