@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from fqvit_pl.models import create_model
-from fqvit_pl.quant import calibrate
+from fqvit_pl.quant import calibrate, disable_quantization, enable_quantization
 
 VIT = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2)
 SWIN = dict(img_size=64, patch_size=4, window_size=4, embed_dim=32, depths=(2, 2), num_heads=(2, 4))
@@ -45,3 +45,13 @@ def calibrated(name: str, method: str = "minmax", seed: int = 0, **kwargs) -> nn
     )
     calibrate(model, [images(8, arch["img_size"], s) for s in range(2)])
     return model
+
+
+@torch.no_grad()
+def simulated_and_float(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The calibrated ``model``'s logits and its float network's (quantization off, then on again):
+    their distance is the quantization error the accuracy bars are stated against."""
+    simulated = model(x)
+    full = disable_quantization(model)(x)
+    enable_quantization(model)
+    return simulated, full

@@ -13,9 +13,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from export_helpers import ARCHS, calibrated, images
+from export_helpers import ARCHS, calibrated, images, simulated_and_float
 
-from fqvit_pl.quant import disable_quantization, enable_quantization, to_integer
+from fqvit_pl.quant import to_integer
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -105,10 +105,7 @@ def test_onnx_runtime_agrees_with_the_integer_model_within_the_issue_bars(name, 
     sqrt), and logits within 5% of the quantization error of the exactly computed integer model."""
     model = calibrated(name)
     x = images(64, ARCHS[name]["img_size"], 100)
-    simulated = model(x)
-    disable_quantization(model)
-    full = model(x)
-    enable_quantization(model)
+    simulated, full = simulated_and_float(model, x)
     ort_logits = _run(_session(export_onnx(model, exact=True, gemm="u8u8")), x)
     as_run = to_integer(model)(x)
     assert (ort_logits.argmax(1) == as_run.argmax(1)).float().mean() >= 0.99
@@ -126,10 +123,7 @@ def test_fast_form_is_the_same_quantized_network_rounded_differently(name):
     the distance of an unrelated network (a wrong graph gives logits of another size altogether)."""
     model = calibrated(name)
     x = images(64, ARCHS[name]["img_size"], 100)
-    simulated = model(x)
-    disable_quantization(model)
-    full = model(x)
-    enable_quantization(model)
+    simulated, full = simulated_and_float(model, x)
     integer = to_integer(model)(x)
     fast = _run(_session(export_onnx(model, exact=False, gemm="u8u8")), x)
     assert (fast - integer).norm() <= 2 * (simulated - full).norm()
