@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import os
 import platform
 import warnings
@@ -53,6 +54,18 @@ def _cpu_flags() -> str:
     return next((line for line in text.splitlines() if line.startswith("flags")), "")
 
 
+def _quiet_import_load():
+    # its import logs "No CUDA runtime is found" on every CPU machine: not news for a CPU build
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        from torch.utils.cpp_extension import load
+    finally:
+        logger.setLevel(level)
+    return load
+
+
 @functools.cache
 def native_ops() -> ModuleType | None:
     """Build (once per source version, cached by torch) and load the fused kernels.
@@ -66,8 +79,7 @@ def native_ops() -> ModuleType | None:
     if not sources:
         return None
     try:
-        from torch.utils.cpp_extension import load
-
+        load = _quiet_import_load()
         load(
             name=_build_name(sources),
             sources=[str(p) for p in sources],
