@@ -61,6 +61,19 @@ void check_qkv(const at::Tensor& qkv, int64_t heads, const char* op) {
 
 #ifdef FQVIT_ATTNMM_SIMD
 
+// The dot-product instructions through inline asm: GCC 12's intrinsics for them keep a 6 x 4 tile
+// of accumulators on the stack (a load and a store around every instruction); with "v" operands the
+// register allocator keeps all 24 in zmm registers.
+inline __m512i dot_u8s8(__m512i acc, __m512i unsigned_bytes, __m512i signed_bytes) {
+  asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(unsigned_bytes), "v"(signed_bytes));
+  return acc;
+}
+
+inline __m512 dot_bf16(__m512 acc, __m512i a, __m512i b) {
+  asm("vdpbf16ps %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
+  return acc;
+}
+
 inline __mmask16 lanes(int64_t valid) {
   return valid >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << valid) - 1u);
 }
@@ -71,24 +84,31 @@ void scores_tile(const int8_t* qs, int64_t groups, const uint8_t* kp, int64_t n_
                  const int32_t* rowq, const int32_t* colk, float* out, int64_t n, int64_t i0,
                  int64_t j0) {
   __m512i acc[MR][NV];
+  #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r)
+    #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_si512();
   const int64_t row = groups * 4;
   for (int64_t g = 0; g < groups; ++g) {
     __m512i b[NV];
+    #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v)
       b[v] = _mm512_loadu_si512(kp + (g * n_pad + j0 + 16 * v) * 4);
+    #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
       int32_t word;
       std::memcpy(&word, qs + (i0 + r) * row + 4 * g, 4);
       const __m512i a = _mm512_set1_epi32(word);
-      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbusd_epi32(acc[r][v], b[v], a);
+      #pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) acc[r][v] = dot_u8s8(acc[r][v], b[v], a);
     }
   }
+  #pragma GCC unroll 8
   for (int v = 0; v < NV; ++v) {
     const int64_t j = j0 + 16 * v;
     const __mmask16 m = lanes(n - j);
     const __m512i col = _mm512_loadu_si512(colk + j);
+    #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
       const __m512i sum = _mm512_add_epi32(_mm512_add_epi32(acc[r][v], col),
                                            _mm512_set1_epi32(rowq[i0 + r]));
@@ -127,21 +147,27 @@ template <int MR, int NV>
 void context_tile(const uint16_t* ap, int64_t pairs, const uint16_t* vp, int64_t hd, float* out,
                   int64_t out_stride, int64_t i0, int64_t c0) {
   __m512 acc[MR][NV];
+  #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r)
+    #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
   const int64_t row = pairs * 2;
   for (int64_t p = 0; p < pairs; ++p) {
-    __m512bh b[NV];
-    for (int v = 0; v < NV; ++v)
-      b[v] = (__m512bh)_mm512_loadu_si512(vp + (p * hd + c0 + 16 * v) * 2);
+    __m512i b[NV];
+    #pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) b[v] = _mm512_loadu_si512(vp + (p * hd + c0 + 16 * v) * 2);
+    #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
       int32_t word;
       std::memcpy(&word, ap + (i0 + r) * row + 2 * p, 4);
-      const __m512bh a = (__m512bh)_mm512_set1_epi32(word);
-      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], a, b[v]);
+      const __m512i a = _mm512_set1_epi32(word);
+      #pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) acc[r][v] = dot_bf16(acc[r][v], a, b[v]);
     }
   }
+  #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r)
+    #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v)
       _mm512_storeu_ps(out + (i0 + r) * out_stride + c0 + 16 * v, acc[r][v]);
 }
