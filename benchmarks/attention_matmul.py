@@ -8,7 +8,9 @@ and, for ``attn @ V``, Log-Int-Softmax probabilities (float32 ``[B, heads, N, N]
 - ``fp32``: the reference path (``kernels.attention_scores/attention_context`` with
   ``native=False``): codes to float32 minus the zero point, permuted views, float32 ``bmm``.
 - ``native``: ``csrc/attnmm.cpp`` (uint8 x int8 VNNI for ``q @ k^T``, bf16 pairs with float32
-  sums for ``attn @ V``), exact, bit-equal to ``fp32``.
+  sums for ``attn @ V``), exact, bit-equal to ``fp32``. ``native, bf16 probs given``: the same
+  with the probabilities already bfloat16 (what a Log-Int-Softmax kernel emitting bf16 would give;
+  the conversion is not timed).
 - ``bf16 bmm``: ``torch.bmm`` on bfloat16 copies. NOT exact (bf16 output rounds the sums): shown
   for its speed only.
 - ``int_mm loop``: ``torch._int_mm`` (int8 x int8 -> int32, the 2-D op only) per (batch, head), on
@@ -109,6 +111,10 @@ def _candidates(
         scores["native"] = lambda: kernels.attention_scores(qkv, heads, ZERO_POINT, native=True)
         context["native"] = lambda: kernels.attention_context(
             probs, qkv, heads, ZERO_POINT, native=True
+        )
+        as_bf16 = probs.to(torch.bfloat16)
+        context["native, bf16 probs given"] = lambda: kernels.attention_context(
+            as_bf16, qkv, heads, ZERO_POINT, native=True
         )
     return {"q@k^T": scores, "attn@V": context}
 

@@ -196,8 +196,9 @@ def attention_context(
 ) -> Tensor:
     """``probs @ (c_v - zp)`` per head, heads merged: float32 ``[B, N, dim]`` (``dim = heads * hd``).
 
-    ``probs``: float32 ``[B, heads, N, N]``, each 0, a power of two ``2**-r`` (Log-Int-Softmax) or
-    an integer of magnitude at most 255 (a softmax point's codes minus its zero point); ``qkv`` as
+    ``probs``: float32 (or bfloat16) ``[B, heads, N, N]``, each 0, a power of two ``2**-r``
+    (Log-Int-Softmax) or an integer of magnitude at most 255 (a softmax point's codes minus its zero
+    point; all exact in bfloat16, which the native kernel reads in place); ``qkv`` as
     in :func:`attention_scores` (V is its last third). The caller guarantees that every partial sum
     of a row is exact in float32 (``IntegerAttention.forward`` proves it: multiples of ``2**-15``
     below ``2**9``, or integers below ``2**24``); then the sum is the exact one in any order, and
@@ -209,6 +210,7 @@ def attention_context(
         return torch.ops.fqvit_native.attention_context(probs, qkv, heads, zero_point)
     batch, tokens, width = qkv.shape
     v = _heads(qkv[..., 2 * width // 3 :].to(torch.float32).sub_(zero_point), 1, heads)[0]
+    probs = probs.to(torch.float32)  # a bfloat16 bmm would round its sums
     return int_matmul_exact(probs, v).transpose(1, 2).reshape(batch, tokens, width // 3)
 
 

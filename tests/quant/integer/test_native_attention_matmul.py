@@ -94,6 +94,11 @@ def test_context_of_log_int_softmax_probabilities_equals_the_float32_path(shape,
     reference = kernels.attention_context(probs, qkv, heads, zero_point, native=False)
     assert native.shape == (batch, tokens, heads * head_dim)
     assert torch.equal(native, reference)
+    as_bf16 = probs.to(torch.bfloat16)  # exact: 0 and powers of two
+    assert torch.equal(
+        kernels.attention_context(as_bf16, qkv, heads, zero_point, native=True), native
+    )
+    assert torch.equal(kernels.attention_context(as_bf16, qkv, heads, zero_point), native)
     # independently: 2**15 * p is an integer, the float64 sums of integers are exact
     _, _, v = _split(qkv, heads, zero_point)
     exact = (probs.to(torch.float64) * 2**15) @ v.to(torch.float64) / 2**15

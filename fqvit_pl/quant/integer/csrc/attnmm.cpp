@@ -264,16 +264,17 @@ at::Tensor attention_context(const at::Tensor& probs_in, const at::Tensor& qkv_i
   const at::Tensor qkv = qkv_in.contiguous();
   const int64_t batch = qkv.size(0), n = qkv.size(1), width = qkv.size(2);
   const int64_t dim = width / 3, hd = dim / heads;
-  TORCH_CHECK(probs_in.scalar_type() == at::kFloat && probs_in.dim() == 4 &&
+  const bool bf16 = probs_in.scalar_type() == at::kBFloat16;
+  TORCH_CHECK((bf16 || probs_in.scalar_type() == at::kFloat) && probs_in.dim() == 4 &&
                   probs_in.size(0) == batch && probs_in.size(1) == heads &&
                   probs_in.size(2) == n && probs_in.size(3) == n,
-              "fqvit_native::attention_context: expected float32 probabilities [", batch, ", ",
+              "fqvit_native::attention_context: expected float32 or bfloat16 probabilities [", batch, ", ",
               heads, ", ", n, ", ", n, "], got ", probs_in.scalar_type(), " ", probs_in.sizes());
   const at::Tensor probs = probs_in.contiguous();
   at::Tensor out = at::empty({batch, n, dim}, qkv.options().dtype(at::kFloat));
 #ifdef FQVIT_ATTNMM_SIMD
   const uint8_t* codes = qkv.data_ptr<uint8_t>();
-  const float* p_all = probs.data_ptr<float>();
+  const void* p_all = probs.data_ptr();
   float* result = out.data_ptr<float>();
   const int64_t pairs = (n + 1) / 2;
   std::atomic<bool> inexact{false};
@@ -310,15 +311,26 @@ at::Tensor attention_context(const at::Tensor& probs_in, const at::Tensor& qkv_i
           _mm512_storeu_si512(vp + (pair * hd + c) * 2, word);
         }
       }
-      const float* p = p_all + task * n * n;
-      for (int64_t i = 0; i < n; ++i) {
-        const float* src = p + i * n;
-        uint16_t* dst = ap + i * pairs * 2;
-        for (int64_t j = 0; j < n; j += 16) {
-          const __mmask16 m = lanes(n - j);
-          const __m512i x = _mm512_castps_si512(_mm512_maskz_loadu_ps(m, src + j));
-          low_bits = _mm512_or_si512(low_bits, _mm512_and_si512(x, _mm512_set1_epi32(0xFFFF)));
-          _mm256_mask_storeu_epi16(dst + j, m, _mm512_cvtepi32_epi16(_mm512_srli_epi32(x, 16)));
+      // the probability rows as bf16 pairs (row length 2 * pairs, a missing last column 0)
+      const uint16_t* rows = ap;
+      if (bf16) {
+        const uint16_t* p = static_cast<const uint16_t*>(p_all) + task * n * n;
+        if (n % 2 == 0) {
+          rows = p;  // already the layout: read in place
+        } else {
+          for (int64_t i = 0; i < n; ++i) std::memcpy(ap + i * pairs * 2, p + i * n, n * 2);
+        }
+      } else {
+        const float* p = static_cast<const float*>(p_all) + task * n * n;
+        for (int64_t i = 0; i < n; ++i) {
+          const float* src = p + i * n;
+          uint16_t* dst = ap + i * pairs * 2;
+          for (int64_t j = 0; j < n; j += 16) {
+            const __mmask16 m = lanes(n - j);
+            const __m512i x = _mm512_castps_si512(_mm512_maskz_loadu_ps(m, src + j));
+            low_bits = _mm512_or_si512(low_bits, _mm512_and_si512(x, _mm512_set1_epi32(0xFFFF)));
+            _mm256_mask_storeu_epi16(dst + j, m, _mm512_cvtepi32_epi16(_mm512_srli_epi32(x, 16)));
+          }
         }
       }
       float* o = result + b * n * dim + h * hd;
@@ -326,7 +338,7 @@ at::Tensor attention_context(const at::Tensor& probs_in, const at::Tensor& qkv_i
         const int nv = static_cast<int>(std::min<int64_t>(kVectors, (hd - c0) / 16));
         for (int64_t i0 = 0; i0 < n; i0 += kRows) {
           const int mr = static_cast<int>(std::min<int64_t>(kRows, n - i0));
-          context_block(mr, nv, ap, pairs, vp, hd, o, dim, i0, c0);
+          context_block(mr, nv, rows, pairs, vp, hd, o, dim, i0, c0);
         }
       }
     }
