@@ -56,6 +56,13 @@ def _args() -> argparse.Namespace:
     parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--reps", type=int, default=15)
     parser.add_argument("--no-int-mm", action="store_true", help="skip the int_mm loop")
+    parser.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="cpu: this process's CPU time (time.process_time), robust to other jobs on a busy "
+        "machine; meaningful with --threads 1",
+    )
     return parser.parse_args()
 
 
@@ -119,15 +126,17 @@ def _candidates(
     return {"q@k^T": scores, "attn@V": context}
 
 
-def _paired(candidates: dict[str, Callable[[], torch.Tensor]], reps: int) -> dict[str, float]:
+def _paired(
+    candidates: dict[str, Callable[[], torch.Tensor]], reps: int, clock: Callable[[], float]
+) -> dict[str, float]:
     for fn in candidates.values():
         fn()  # warm up
     times: dict[str, list[float]] = {name: [] for name in candidates}
     for _ in range(reps):
         for name, fn in candidates.items():
-            start = time.perf_counter()
+            start = clock()
             fn()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
     return {name: statistics.median(t) * 1e3 for name, t in times.items()}
 
 
@@ -135,8 +144,9 @@ def main() -> None:
     args = _args()
     if any(os.environ.get(k) != v for k, v in MALLOC.items()):
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **MALLOC})
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     print(
-        f"torch {torch.__version__}, load average {os.getloadavg()[0]:.1f}, "
+        f"torch {torch.__version__}, {args.clock} clock, load average {os.getloadavg()[0]:.1f}, "
         f"median of {args.reps} paired rounds, ms per call (x = fp32 / candidate)"
     )
     print("| shape [B, N, heads, hd] | threads | matmul | candidate | ms | x |")
@@ -147,7 +157,7 @@ def main() -> None:
             shape = SHAPES[name]
             qkv, probs = _inputs(shape)
             for matmul, candidates in _candidates(shape, qkv, probs, not args.no_int_mm).items():
-                times = _paired(candidates, args.reps)
+                times = _paired(candidates, args.reps, clock)
                 for candidate, ms in times.items():
                     print(
                         f"| {name} {list(shape)} | {threads} | {matmul} | {candidate} | "
