@@ -129,6 +129,21 @@ def test_context_refuses_probabilities_that_are_not_bfloat16():
         kernels.attention_context(probs, qkv, 1, 0, native=True)
 
 
+@pytest.mark.parametrize(
+    "qkv,heads,zero_point,message",
+    [
+        (torch.zeros(1, 5, 48), 1, 0, "expected uint8 qkv codes"),
+        (torch.zeros(1, 5, 48, dtype=torch.uint8), 2, 0, "must be a multiple of 16"),
+        (torch.zeros(1, 5, 50, dtype=torch.uint8), 1, 0, "is not 3 \\* heads \\* head_dim"),
+        (torch.zeros(1, 5, 48, dtype=torch.uint8), 1, 256, "is not a uint8 code"),
+    ],
+)
+def test_bad_input_is_a_named_error(qkv, heads, zero_point, message):
+    with pytest.raises(RuntimeError, match=message):
+        kernels.attention_scores(qkv, heads, zero_point, native=True)
+    assert not kernels.native_attention_matmul(24)  # the model keeps the float32 path there
+
+
 def _set_native(model: nn.Module, on: bool) -> None:
     for module in model.modules():
         if isinstance(module, IntegerAttention):

@@ -15,7 +15,8 @@
 // - context: bf16 x bf16 pairs accumulated in float32 (vdpbf16ps). The operands are exact in
 //   bf16 (8 significant bits): v - zp is an integer of magnitude <= 255, and the probabilities are
 //   0 or 2^-r (Log-Int-Softmax) or integers of magnitude <= 255 (a uint8 softmax point minus its
-//   zero point); the kernel checks that every probability is exactly a bf16 and refuses otherwise.
+//   zero point); the kernel checks that every float32 probability is exactly a bf16 and refuses
+//   otherwise (bfloat16 probabilities are read as they are).
 //   Each product then has at most 16 significant bits (exact in float32) and every partial sum
 //   is exact under the bound the caller proves (IntegerAttention.forward: multiples of 2^-15
 //   below 2^9, or integers below 2^24), in whatever order or pairing the instruction adds, with
@@ -48,7 +49,9 @@ bool vectorized() {
 #endif
 }
 
-void check_qkv(const at::Tensor& qkv, int64_t heads, const char* op) {
+void check_qkv(const at::Tensor& qkv, int64_t heads, int64_t zero_point, const char* op) {
+  TORCH_CHECK(zero_point >= 0 && zero_point <= 255, op, ": zero point ", zero_point,
+              " is not a uint8 code");
   TORCH_CHECK(qkv.device().is_cpu() && qkv.scalar_type() == at::kByte && qkv.dim() == 3,
               op, ": expected uint8 qkv codes [B, N, 3 * dim] on the CPU, got ",
               qkv.scalar_type(), " ", qkv.sizes());
@@ -198,7 +201,7 @@ void context_block(int mr, int nv, const uint16_t* ap, int64_t pairs, const uint
 #endif  // FQVIT_ATTNMM_SIMD
 
 at::Tensor attention_scores(const at::Tensor& qkv_in, int64_t heads, int64_t zero_point) {
-  check_qkv(qkv_in, heads, "fqvit_native::attention_scores");
+  check_qkv(qkv_in, heads, zero_point, "fqvit_native::attention_scores");
   TORCH_CHECK(vectorized(), "fqvit_native::attention_scores needs AVX-512 VNNI and BF16");
   const at::Tensor qkv = qkv_in.contiguous();
   const int64_t batch = qkv.size(0), n = qkv.size(1), width = qkv.size(2);
@@ -259,7 +262,7 @@ at::Tensor attention_scores(const at::Tensor& qkv_in, int64_t heads, int64_t zer
 
 at::Tensor attention_context(const at::Tensor& probs_in, const at::Tensor& qkv_in, int64_t heads,
                              int64_t zero_point) {
-  check_qkv(qkv_in, heads, "fqvit_native::attention_context");
+  check_qkv(qkv_in, heads, zero_point, "fqvit_native::attention_context");
   TORCH_CHECK(vectorized(), "fqvit_native::attention_context needs AVX-512 VNNI and BF16");
   const at::Tensor qkv = qkv_in.contiguous();
   const int64_t batch = qkv.size(0), n = qkv.size(1), width = qkv.size(2);
