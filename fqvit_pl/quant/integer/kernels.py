@@ -17,6 +17,7 @@ from torch import Tensor
 from ..bit_type import BitType
 from ..functional import int_exp
 from ..kernels.tables import layernorm_power, probabilities_from_keys
+from . import native
 
 __all__ = [
     "quantize",
@@ -27,6 +28,9 @@ __all__ = [
     "prepack_weight",
     "int8_linear",
     "int_matmul_exact",
+    "native_attention_matmul",
+    "attention_scores",
+    "attention_context",
     "lis_exp_table",
     "lis_prob_table",
     "lis_exponent_table",
@@ -149,6 +153,65 @@ def int_matmul_exact(a: Tensor, b: Tensor) -> Tensor:
     slower.) Used for ``q @ k^T`` on the codes of the qkv point, zero point removed.
     """
     return a @ b
+
+
+def native_attention_matmul(head_dim: int) -> bool:
+    """Whether :func:`attention_scores` and :func:`attention_context` can run the AVX-512 kernels of
+    ``csrc/attnmm.cpp`` for this head size (the kernels are built, the CPU has VNNI and BF16, and
+    ``head_dim`` is a multiple of 16, at most 256). Decided when a model is built, not in forward."""
+    ops = native.native_ops()
+    return (
+        ops is not None
+        and head_dim % 16 == 0
+        and head_dim <= 256
+        and bool(ops.attention_matmul_vectorized())
+    )
+
+
+def _heads(x: Tensor, parts: int, heads: int) -> Tensor:
+    """``[B, N, parts * heads * hd]`` → ``[parts, B, heads, N, hd]`` (a view)."""
+    batch, tokens, width = x.shape
+    return x.reshape(batch, tokens, parts, heads, width // (parts * heads)).permute(2, 0, 3, 1, 4)
+
+
+def attention_scores(qkv: Tensor, heads: int, zero_point: int, *, native: bool = False) -> Tensor:
+    """``q @ k^T`` per head on the qkv codes minus their zero point, exact: float32 ``[B, heads, N, N]``.
+
+    ``qkv``: ``uint8`` codes ``[B, N, 3 * dim]`` (q, k, v, each ``heads`` heads of ``hd``). Every
+    entry is the integer ``sum_d (c_q - zp)(c_k - zp)``, ``|.| <= hd * 255**2 < 2**24`` for
+    ``hd <= 258``, so float32 holds it exactly and both paths give the same bits: ``native`` (CPU;
+    see :func:`native_attention_matmul`) runs ``fqvit_native::attention_scores`` (uint8 x int8
+    dot products accumulated in int32, zero points folded in exactly, read from the codes in place);
+    otherwise :func:`int_matmul_exact` on the float32 codes.
+    """
+    if native:
+        return torch.ops.fqvit_native.attention_scores(qkv, heads, zero_point)
+    dim = qkv.shape[-1] // 3
+    q, k = _heads(qkv[..., : 2 * dim].to(torch.float32).sub_(zero_point), 2, heads).unbind(0)
+    return int_matmul_exact(q, k.transpose(-2, -1))
+
+
+def attention_context(
+    probs: Tensor, qkv: Tensor, heads: int, zero_point: int, *, native: bool = False
+) -> Tensor:
+    """``probs @ (c_v - zp)`` per head, heads merged: float32 ``[B, N, dim]`` (``dim = heads * hd``).
+
+    ``probs``: float32 (or bfloat16) ``[B, heads, N, N]``, each 0, a power of two ``2**-r``
+    (Log-Int-Softmax) or an integer of magnitude at most 255 (a softmax point's codes minus its zero
+    point; all exact in bfloat16, which the native kernel reads in place); ``qkv`` as
+    in :func:`attention_scores` (V is its last third). The caller guarantees that every partial sum
+    of a row is exact in float32 (``IntegerAttention.forward`` proves it: multiples of ``2**-15``
+    below ``2**9``, or integers below ``2**24``); then the sum is the exact one in any order, and
+    both paths give the same bits: ``native`` runs ``fqvit_native::attention_context`` (bf16 pairs,
+    exact for these operands, accumulated in float32; it refuses a probability that is not exactly a
+    bfloat16), otherwise :func:`int_matmul_exact` on the float32 codes of V.
+    """
+    if native:
+        return torch.ops.fqvit_native.attention_context(probs, qkv, heads, zero_point)
+    batch, tokens, width = qkv.shape
+    v = _heads(qkv[..., 2 * width // 3 :].to(torch.float32).sub_(zero_point), 1, heads)[0]
+    probs = probs.to(torch.float32)  # a bfloat16 bmm would round its sums
+    return int_matmul_exact(probs, v).transpose(1, 2).reshape(batch, tokens, width // 3)
 
 
 def lis_exp_table(score_scale: Tensor) -> Tensor:

@@ -208,9 +208,11 @@ class IntegerMlp(nn.Module):
 class IntegerAttention(nn.Module):
     """Multi-head attention on codes (§6.5, §6.3 with ``window_area``: Swin's relative position bias).
 
-    ``q @ k^T`` on the codes of ``qkv_point`` (exact fp32, :func:`kernels.int_matmul_exact`), the
+    ``q @ k^T`` on the codes of ``qkv_point`` (exact: :func:`kernels.attention_scores`), the
     score point's codes, Log-Int-Softmax on them (``lis``) or float softmax and its uint8 point,
-    ``attn @ V`` exact in fp32 (see :meth:`forward`), ``context_point`` codes, ``proj``.
+    ``attn @ V`` exact (see :meth:`forward`; :func:`kernels.attention_context`), ``context_point``
+    codes, ``proj``. Both matmuls run AVX-512 kernels on the CPU where they are built
+    (``native_matmul``), else float32 ``bmm``: the same bits.
     """
 
     def __init__(
@@ -253,6 +255,9 @@ class IntegerAttention(nn.Module):
                 get_relative_position_index(*window_size).reshape(-1),
                 persistent=False,
             )
+        #: whether q @ k^T and attn @ V run the AVX-512 kernels (``csrc/attnmm.cpp``) on CPU
+        #: tensors: set by ``refresh_tables``; both paths give the same bits
+        self.native_matmul = False
         if lis:
             self.softmax_bits = softmax.bits
             # Derived from the score point's scale and zero point (refresh_tables), not state.
@@ -277,7 +282,10 @@ class IntegerAttention(nn.Module):
         return self.bias_point if self.window_area is not None else self.score_point
 
     def refresh_tables(self) -> None:
-        """Recompute the Log-Int-Softmax exponential table from the score scale, and its exactness flag."""
+        """Recompute the Log-Int-Softmax exponential table from the score scale, and its exactness
+        flag; decide whether the native attention matmuls run."""
+        # a Python flag, not a call in forward: torch.compile must not trace the build
+        self.native_matmul = kernels.native_attention_matmul(self.head_dim)
         if self.lis:
             point = self.lis_point()
             if self.exact_lis:
@@ -317,15 +325,10 @@ class IntegerAttention(nn.Module):
     def scores(self, qkv: Tensor) -> tuple[Tensor, Tensor]:
         """qkv codes ``[B, N, 3 * dim]`` → (score codes ``[B, heads, N, N]`` of :meth:`lis_point`
         as integer-valued float32,
-        V's codes minus their zero point ``[B, heads, N, head_dim]`` as float32 integers)."""
-        batch, tokens, _ = qkv.shape
-        qkv = qkv.to(torch.float32).sub_(self.qkv_point.zero_point)
-        q, k, v = (
-            qkv.reshape(batch, tokens, 3, self.num_heads, self.head_dim)
-            .permute(2, 0, 3, 1, 4)
-            .unbind(0)
+        the qkv codes, which :meth:`context` reads V from)."""
+        acc = kernels.attention_scores(
+            qkv, self.num_heads, self.qkv_point.py_zero_point, native=self._native(qkv)
         )
-        acc = kernels.int_matmul_exact(q, k.transpose(-2, -1))
         s = self.qkv_point.scale
         step = (s * self.scale) * s if self.scale_query_first else (s * s) * self.scale
         # codes as integer-valued float32: LIS and the bias read them as numbers (no uint8 round trip)
@@ -337,10 +340,14 @@ class IntegerAttention(nn.Module):
             value = self.score_point.dequantize(scores).add_(self.relative_bias())
             point = self.bias_point
             scores = kernels.quantize_float(value, point.scale, point.zero_point, point.bit_type)
-        return scores, v
+        return scores, qkv
 
-    def context(self, scores: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
-        """Softmax of the score codes, ``@ V``, merged heads: codes ``[B, N, dim]`` of ``context_point``."""
+    def _native(self, qkv: Tensor) -> bool:
+        return self.native_matmul and qkv.device.type == "cpu"
+
+    def context(self, scores: Tensor, qkv: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Softmax of the score codes, ``@ V`` (V's codes read from the qkv codes ``[B, N, 3 * dim]``),
+        merged heads: codes ``[B, N, dim]`` of ``context_point``."""
         batch, _, tokens, _ = scores.shape
         if mask is not None:
             windows = mask.shape[0]
@@ -353,7 +360,7 @@ class IntegerAttention(nn.Module):
                 softmax_bits=self.softmax_bits,
             )  # fmt: skip
             probs = probs.view(batch, self.num_heads, tokens, tokens)
-            context = kernels.int_matmul_exact(probs, v) * self.qkv_point.scale
+            context = self._attend(probs, qkv) * self.qkv_point.scale
         else:
             value = self.lis_point().dequantize(scores)
             if mask is not None:
@@ -361,7 +368,11 @@ class IntegerAttention(nn.Module):
             value = value.view(batch, self.num_heads, tokens, tokens)
             p = self.softmax_point.quantize(float_kernels.softmax(value, -1))
             p = p.to(torch.float32) - self.softmax_point.zero_point
-            context = kernels.int_matmul_exact(p, v) * (
-                self.softmax_point.scale * self.qkv_point.scale
-            )
-        return self.context_point.quantize(context.transpose(1, 2).reshape(batch, tokens, self.dim))
+            context = self._attend(p, qkv) * (self.softmax_point.scale * self.qkv_point.scale)
+        return self.context_point.quantize(context)
+
+    def _attend(self, probs: Tensor, qkv: Tensor) -> Tensor:
+        """``probs`` ``[B, heads, N, N]`` ``@ (c_v - zp)``, merged heads: float32 ``[B, N, dim]``."""
+        return kernels.attention_context(
+            probs, qkv, self.num_heads, self.qkv_point.py_zero_point, native=self._native(qkv)
+        )
