@@ -47,6 +47,17 @@ def _loaded() -> bool:
     return native_ops() is not None
 
 
+def _ops():
+    """``torch.ops.fqvit_native``, loading the library first in eager mode (a compiled graph only
+    reaches the callers after :func:`_loaded` said yes)."""
+    if not torch.compiler.is_compiling() and native_ops() is None:
+        raise RuntimeError(
+            "fqvit_pl: the fused kernels are not available (FQVIT_NATIVE=0 or a failed build); "
+            "use fqvit_pl.quant.integer.kernels instead"
+        )
+    return torch.ops.fqvit_native
+
+
 def _cpu(*tensors: Tensor) -> bool:
     return all(t.device.type == "cpu" for t in tensors)
 
@@ -83,7 +94,7 @@ def int_layernorm_codes_native(
     ``codes`` ``[..., C]`` uint8 or integer-valued float32 on the CPU; the PTF steps
     ``round(in_scale / min(in_scale))`` at most 16 (see :func:`layernorm_native`).
     """
-    ops = torch.ops.fqvit_native
+    ops = _ops()
     channels = codes.shape[-1]
     s_min, k = kernels.layernorm_steps(in_scale, channels)
     total, squares = ops.ln_stats(codes, in_zero_point, k)
@@ -112,7 +123,7 @@ def residual_codes_native(
     and zero points (``[]`` or ``[C]``); the same float32 operations in the same order as
     :func:`.kernels.dequantize` and :func:`.kernels.quantize_float`.
     """
-    return torch.ops.fqvit_native.residual_codes(
+    return _ops().residual_codes(
         x, x_scale, x_zero_point, branch, branch_scale, branch_zero_point, out_scale,
         out_zero_point, out_bit_type.lower, out_bit_type.upper,
     )  # fmt: skip
