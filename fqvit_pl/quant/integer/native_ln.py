@@ -1,4 +1,5 @@
-"""The fused integer LayerNorm and residual kernels (``csrc/ln.cpp``): wrappers and fake impls.
+"""The fused integer LayerNorm and residual kernels (``csrc/ln.cpp``; fake impls in
+:mod:`.native_ln_fake`): when they run, and their Python wrappers.
 
 Same bits as the pure PyTorch kernels they replace (:func:`.kernels.int_layernorm_codes`, the
 residual's ``quantize_float(dequantize(x) + dequantize(branch))``), in two passes over a token
@@ -13,7 +14,8 @@ instead of about twenty:
   for ``A``, ``M`` and ``B``, ``floor(log2 |A|)`` from the exponent bits and ATen's rounding-up
   thresholds (as the compiled pure kernel, :func:`~fqvit_pl.quant.kernels.tables.layernorm_power`:
   equal to ATen's ``log2`` for every non-NaN ``A``; a NaN ``A`` gives a NaN value either way, code
-  0), step 5 in float64 as the pure kernel.
+  0), step 5 in float64 as the pure kernel; a row whose values provably stay below 2**24 (the
+  usual one) runs step 5 in float32 instead, with the same results (proof in ``apply_row_fast``).
 
 Used when :func:`.native.native_ops` loaded the kernels, the codes are on the CPU and the PTF
 steps are at most 16 (then ``|x_q| <= 255 * 16``: ``x_q**2 <= 2**24`` is exact in float32, as the
