@@ -320,6 +320,9 @@ def int_layernorm_codes(
     Equal to the simulation whenever its float32 sums are exact (below 2**24); otherwise this one
     is the exact one.
 
+    On the CPU the integer layers run :func:`.native_ln.int_layernorm_codes_native` instead (fused
+    C++ kernels, the same codes; tested against this function).
+
     ``sum_dtype``: the dtype of ``sum x_q`` (float32 is exact while ``C * 255 * max(k) < 2**24``);
     ``None`` reads ``max(k)`` from the scales (a data-dependent decision ``torch.compile`` cannot
     trace: the integer layers pass it, decided when the model is converted).

@@ -2,8 +2,11 @@
 //
 // Each kernel replaces a chain of ATen elementwise passes by one pass per token and gives the same
 // bits: the same IEEE float32/float64 operations in the same order (-ffp-contract=off: no FMA),
-// round half to even (std::nearbyint in the default rounding mode), NaN propagated by the clamps
-// and cast to code 0 as ATen's conversion does. Python side: fqvit_pl/quant/integer/native_ln.py.
+// round half to even (nearbyint in the default rounding mode), NaN propagated by the clamps and
+// cast to code 0 as ATen's conversion does; where a shortcut is taken (exact integer sums, the
+// float32 row kernel of ln_apply) the comment next to it proves the results equal. Python side
+// and the per-token float32 formula between ln_stats and ln_apply:
+// fqvit_pl/quant/integer/native_ln.py.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
