@@ -383,16 +383,15 @@ def int_layernorm_codes(
     Equal to the simulation whenever its float32 sums are exact (below 2**24); otherwise this one
     is the exact one.
 
+    On the CPU the integer layers run :func:`.native_ln.int_layernorm_codes_native` instead (fused
+    C++ kernels, the same codes; tested against this function).
+
     ``sum_dtype``: the dtype of ``sum x_q`` (float32 is exact while ``C * 255 * max(k) < 2**24``);
     ``None`` reads ``max(k)`` from the scales (a data-dependent decision ``torch.compile`` cannot
     trace: the integer layers pass it, decided when the model is converted).
     """
     channels = codes.shape[-1]
-    in_scale = in_scale.reshape(-1)
-    if in_scale.numel() not in (1, channels):
-        in_scale = in_scale.repeat(channels // in_scale.numel())
-    s_min = in_scale.min()
-    k = torch.round(in_scale / s_min)
+    s_min, k = layernorm_steps(in_scale, channels)
     # x_q and x_q**2 are integers below 2**12 and 2**22: exact in float32; the sums in float64
     zero_point = in_zero_point.reshape(-1)[0]
     if codes.dtype == torch.float32:  # integer-valued float codes (quantize_float): left unchanged
@@ -404,18 +403,15 @@ def int_layernorm_codes(
         sum_dtype = layernorm_sum_dtype(channels, float(k.max()))
     total = x_q.sum(dim=-1, keepdim=True, dtype=sum_dtype)
     squares = (x_q * x_q).sum(dim=-1, keepdim=True, dtype=torch.float64)
-    total_f, squares_f = total.to(torch.float32), squares.to(torch.float32)
-    mean = (total_f / channels) * s_min
-    variance = channels * squares_f - total_f**2
+    mean, std = layernorm_statistics(
+        total.to(torch.float32), squares.to(torch.float32), s_min, channels
+    )
     if torch.compiler.is_compiling():
-        # ATen's CPU sqrt is not always inductor's correctly rounded one: keep eager's kernel
-        std = (s_min / channels) * torch.ops.fqvit.integer_sqrt(variance)
         a = ((s_min / std) * weight) / out_scale
         # floor(log2) from exponent bits and ATen's log2 thresholds, 2**N from bits: the same
         # values as the eager lines below for every non-NaN a, and it fuses
         p = layernorm_power(torch.abs(a), bits)
     else:
-        std = (s_min / channels) * torch.sqrt(variance)
         # the contract's float32 steps 3-4 (in place on fresh tensors: same operations, same
         # order); 2**n by exp2: the exact power of two for integer n, as pow(2.0, n)
         a = (s_min / std) * weight
@@ -432,6 +428,31 @@ def int_layernorm_codes(
     v = signed_m.to(torch.float64).mul_(x_q).add_(b).div_(p).round_()
     v.add_(out_zero_point.reshape(-1)[0]).clamp_(out_bit_type.lower, out_bit_type.upper)
     return v.to(torch.uint8)
+
+
+def layernorm_steps(in_scale: Tensor, channels: int) -> tuple[Tensor, Tensor]:
+    """§7 step 1's units: ``s_min = min(s_in)`` (0-dim) and ``k = round(s_in / s_min)`` (``[C]``, or
+    ``[1]`` for a per-tensor point), the LN-input point's ``[C]``, ``[C / r]`` (tiled ``r`` times in
+    channel order, Swin's patch merging) or ``[]`` scales ``in_scale``."""
+    in_scale = in_scale.reshape(-1)
+    if in_scale.numel() not in (1, channels):
+        in_scale = in_scale.repeat(channels // in_scale.numel())
+    s_min = in_scale.min()
+    return s_min, torch.round(in_scale / s_min)
+
+
+def layernorm_statistics(
+    total: Tensor, squares: Tensor, s_min: Tensor, channels: int
+) -> tuple[Tensor, Tensor]:
+    """§7 step 2 in float32: the tokens' ``mean`` and ``std`` from ``sum x_q`` and ``sum x_q**2``
+    (float32 ``[..., 1]``: the exact sums, rounded once) over ``channels``. Shared by the pure
+    kernel and the fused one (:mod:`.native_ln`), so both compute the same bits."""
+    mean = (total / channels) * s_min
+    variance = channels * squares - total**2
+    if torch.compiler.is_compiling():
+        # ATen's CPU sqrt is not always inductor's correctly rounded one: keep eager's kernel
+        return mean, (s_min / channels) * torch.ops.fqvit.integer_sqrt(variance)
+    return mean, (s_min / channels) * torch.sqrt(variance)
 
 
 @torch.library.custom_op("fqvit::integer_sqrt", mutates_args=())

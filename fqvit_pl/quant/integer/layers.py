@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from .. import kernels as float_kernels
 from ..bit_type import BitType
-from . import kernels
+from . import kernels, native_ln
 
 __all__ = ["IntPoint", "IntegerLinear", "IntegerLayerNorm", "IntegerAttention", "IntegerMlp"]
 
@@ -156,7 +156,8 @@ class IntegerLinear(nn.Module):
 class IntegerLayerNorm(nn.Module):
     """LayerNorm from the codes of its LN-input point to the codes of the point after it.
 
-    ``integer``: §7 (:func:`kernels.int_layernorm_codes`, PTF on); otherwise the float LayerNorm on
+    ``integer``: §7 (:func:`kernels.int_layernorm_codes`, PTF on; on the CPU the fused kernels of
+    :mod:`.native_ln` with the same codes, where they are built); otherwise the float LayerNorm on
     the dequantized input, as the simulation does with ptf off. ``weight``/``bias`` are gamma/beta.
     """
 
@@ -168,11 +169,15 @@ class IntegerLayerNorm(nn.Module):
 
     def forward(self, codes: Tensor, in_point: IntPoint, out_point: IntPoint) -> Tensor:
         if self.integer:
-            return kernels.int_layernorm_codes(
+            args = (
                 codes, in_point.zero_point, in_point.scale, self.weight, self.bias,
                 out_point.scale, out_point.zero_point, out_point.bit_type,
-                sum_dtype=kernels.layernorm_sum_dtype(self.channels, in_point.py_max_step),
             )  # fmt: skip
+            if native_ln.layernorm_native(codes, in_point.py_max_step):
+                return native_ln.int_layernorm_codes_native(*args)  # fused, the same codes
+            return kernels.int_layernorm_codes(
+                *args, sum_dtype=kernels.layernorm_sum_dtype(self.channels, in_point.py_max_step)
+            )
         x = (
             in_point.dequantize(codes)
             if in_point.per_tensor

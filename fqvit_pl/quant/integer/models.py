@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from .. import kernels as float_kernels
 from ..config import QuantConfig
-from . import kernels
+from . import kernels, native_ln
 from .layers import IntegerAttention, IntegerLayerNorm, IntegerLinear, IntegerMlp, IntPoint
 
 __all__ = ["IntegerViT", "IntegerSwin", "build_integer_model", "quant_config_from_dict"]
@@ -81,7 +81,13 @@ def _residual(
 
     The codes come back as integer-valued float32: their readers (the next LayerNorm, the next
     residual, patch merging) take them as numbers, so a uint8 round trip would cost two casts.
+    On the CPU the fused kernel of :mod:`.native_ln` computes the same codes in one pass.
     """
+    if native_ln.residual_native(x, branch):
+        return native_ln.residual_codes_native(
+            x, x_point.scale, x_point.zero_point, branch, branch_point.scale,
+            branch_point.zero_point, out.scale, out.zero_point, out.bit_type,
+        )  # fmt: skip
     return kernels.quantize_float(
         x_point.dequantize(x).add_(branch_point.dequantize(branch)),
         out.scale, out.zero_point, out.bit_type,

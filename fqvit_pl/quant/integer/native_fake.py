@@ -6,3 +6,4 @@ Imported by :func:`fqvit_pl.quant.integer.native.native_ops` after the library i
 from __future__ import annotations
 
 from . import native_attnmm  # noqa: F401
+from . import native_ln_fake  # noqa: F401
