@@ -4,3 +4,5 @@ Imported by :func:`fqvit_pl.quant.integer.native.native_ops` after the library i
 """
 
 from __future__ import annotations
+
+from . import native_lis  # noqa: F401
