@@ -71,12 +71,12 @@ inline out_t convert(float p) {
   return static_cast<out_t>(p);  // 0 or 2**-r, r <= 126: exact in float32 and bfloat16
 }
 
-// One row of N accumulators -> N probabilities. codes/e are scratch of N entries.
+// One row of N accumulators -> N probabilities. mask: N entries, nonzero where masked (or null);
+// codes/e: scratch of N entries.
 template <typename out_t>
-void lis_row(const float* acc, const float* bias, const bool* mask, int64_t n, const Params& p,
+void lis_row(const float* acc, const float* bias, const int32_t* mask, int64_t n, const Params& p,
              const double* table, int32_t* codes, double* e, out_t* out) {
   // 1. codes: quantize_float(acc * step) (Swin: dequantize, + bias, quantize_float again)
-  int32_t row_max = kMaskedCode;
   if (p.has_bias) {
     for (int64_t j = 0; j < n; ++j) {
       float x = acc[j] * p.step;
@@ -98,28 +98,23 @@ void lis_row(const float* acc, const float* bias, const bool* mask, int64_t n, c
       codes[j] = static_cast<int32_t>(clamp(std::nearbyint(x), p.lower, p.upper));
     }
   }
-  if (mask != nullptr) {
-    for (int64_t j = 0; j < n; ++j) {
-      const int32_t c = mask[j] ? kMaskedCode : codes[j];
-      row_max = c > row_max ? c : row_max;
-    }
-  } else {
-    for (int64_t j = 0; j < n; ++j) row_max = codes[j] > row_max ? codes[j] : row_max;
-  }
-  // 2. the integer exponential by table, and the row sum (exact: any order gives the same S)
+  // a masked pair's code counts as kMaskedCode (below every code: never the row maximum unless
+  // the whole row is masked, which the converter rules out; the result is the PyTorch path's then too)
+  if (mask != nullptr)
+    for (int64_t j = 0; j < n; ++j) codes[j] = mask[j] ? kMaskedCode : codes[j];
+  int32_t row_max = kMaskedCode;
+  for (int64_t j = 0; j < n; ++j) row_max = codes[j] > row_max ? codes[j] : row_max;
+  // 2. the integer exponential by table (codes are >= 0 but where masked)
+  // (the table indices first, in a vectorized loop without branches, then a plain gather)
   if (p.two_d) {
-    const double* slice = table + 256 * static_cast<int64_t>(row_max);
-    if (mask != nullptr) {
-      for (int64_t j = 0; j < n; ++j) e[j] = mask[j] ? table[kMasked2d] : slice[codes[j]];
-    } else {
-      for (int64_t j = 0; j < n; ++j) e[j] = slice[codes[j]];
-    }
+    const int32_t base = 256 * row_max;
+    for (int64_t j = 0; j < n; ++j)
+      codes[j] = codes[j] < 0 ? static_cast<int32_t>(kMasked2d) : base + codes[j];
   } else {
-    for (int64_t j = 0; j < n; ++j) {
-      const int32_t c = (mask != nullptr && mask[j]) ? kMaskedCode : codes[j];
-      e[j] = table[std::min<int64_t>(row_max - c, kMasked1d)];
-    }
+    for (int64_t j = 0; j < n; ++j)
+      codes[j] = std::min<int32_t>(row_max - codes[j], static_cast<int32_t>(kMasked1d));
   }
+  for (int64_t j = 0; j < n; ++j) e[j] = table[codes[j]];
   if (p.exact_float64) {
     double partial[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     int64_t j = 0;
@@ -202,7 +197,7 @@ at::Tensor lis_softmax(const at::Tensor& acc, const at::Tensor& step, const at::
   at::Tensor mask_c;
   int64_t windows = 0;
   if (mask.has_value()) {
-    mask_c = mask->ne(0).contiguous();
+    mask_c = mask->ne(0).to(at::kInt).contiguous();
     TORCH_CHECK(mask_c.dim() == 3 && mask_c.size(1) == n && mask_c.size(2) == n &&
                     mask_c.size(0) > 0 && batch % mask_c.size(0) == 0,
                 "fqvit_native::lis_softmax: mask must be [windows, N, N] with windows dividing "
@@ -218,7 +213,7 @@ at::Tensor lis_softmax(const at::Tensor& acc, const at::Tensor& step, const at::
   at::Tensor out = at::empty(acc.sizes(), acc.options().dtype(out_type));
   const float* acc_ptr = acc_c.data_ptr<float>();
   const float* bias_ptr = p.has_bias ? bias_c.data_ptr<float>() : nullptr;
-  const bool* mask_ptr = windows ? mask_c.data_ptr<bool>() : nullptr;
+  const int32_t* mask_ptr = windows ? mask_c.data_ptr<int32_t>() : nullptr;
   const double* table = table_c.data_ptr<double>();
   const int64_t rows = batch * heads * n;
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(n, 1));
