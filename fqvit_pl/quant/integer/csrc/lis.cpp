@@ -31,7 +31,7 @@ struct Params {
   float step, scale, zero_point, lower, upper;
   bool has_bias;
   float bias_scale, bias_zero_point, bias_lower, bias_upper;
-  int64_t levels;  // 2**bits
+  int32_t levels;  // 2**bits
   bool two_d;      // [65537] table indexed by 256 * rowmax + code, else [257] by rowmax - code
   bool exact_float64;
 };
@@ -51,16 +51,17 @@ inline float clamp(float x, float lo, float hi) {
 
 // 2**-r as float32 for the key 2E + h of y (kernels._log_round), 0 for r >= levels and for the
 // keys of inf and NaN; r <= 0 gives 1 (kernels.lis_prob_table / lis_prob_from_keys).
-inline float probability(double y, int64_t levels) {
-  int64_t bits;
+inline float probability(double y, int32_t levels) {
+  uint64_t bits;
   std::memcpy(&bits, &y, sizeof bits);
-  const int64_t key = bits >> 51;
-  int64_t r = (key >> 1) - 1023 + (key & 1);
+  // unsigned: a NaN with its sign bit (0 / 0, a row of zero exponentials, where the PyTorch
+  // path's table lookup fails with an index error) gets key >= 4096 and probability 0, as the
+  // other NaNs and inf (keys 4094, 4095: r >= 1024 >= levels); int32 lanes vectorize twice as wide
+  const uint32_t key = static_cast<uint32_t>(bits >> 51);
+  int32_t r = static_cast<int32_t>(key >> 1) - 1023 + static_cast<int32_t>(key & 1);
   r = r < 0 ? 0 : r;
-  // bits < 0: a NaN with its sign bit (0 / 0, a row of zero exponentials), where the pure
-  // PyTorch path's table lookup fails with an index error; 0 here, as for the other NaNs
-  const bool zero = r >= levels || key >= 4094 || bits < 0;
-  const int32_t f = static_cast<int32_t>((127 - (zero ? 0 : r)) << 23);
+  const bool zero = r >= levels;
+  const int32_t f = (127 - (zero ? 0 : r)) << 23;
   float p;
   std::memcpy(&p, &f, sizeof p);
   return zero ? 0.0f : p;
@@ -71,12 +72,11 @@ inline out_t convert(float p) {
   return static_cast<out_t>(p);  // 0 or 2**-r, r <= 126: exact in float32 and bfloat16
 }
 
-// One row of N accumulators -> N probabilities. mask: N entries, nonzero where masked (or null);
-// codes/e: scratch of N entries.
-template <typename out_t>
-void lis_row(const float* acc, const float* bias, const int32_t* mask, int64_t n, const Params& p,
-             const double* table, int32_t* codes, double* e, out_t* out) {
-  // 1. codes: quantize_float(acc * step) (Swin: dequantize, + bias, quantize_float again)
+// Stage 1 of a row: N accumulators -> N codes (masked pairs: kMaskedCode). mask: N entries,
+// nonzero where masked, or null.
+void row_codes(const float* acc, const float* bias, const int32_t* mask, int64_t n,
+               const Params& p, int32_t* codes) {
+  // quantize_float(acc * step) (Swin: dequantize, + bias, quantize_float again)
   if (p.has_bias) {
     for (int64_t j = 0; j < n; ++j) {
       float x = acc[j] * p.step;
@@ -102,10 +102,13 @@ void lis_row(const float* acc, const float* bias, const int32_t* mask, int64_t n
   // the whole row is masked, which the converter rules out; the result is the PyTorch path's then too)
   if (mask != nullptr)
     for (int64_t j = 0; j < n; ++j) codes[j] = mask[j] ? kMaskedCode : codes[j];
+}
+
+// Stage 2 of a row: codes -> indices into the exponential table, in place (vectorized, no branch).
+void row_indices(int32_t* codes, int64_t n, const Params& p) {
   int32_t row_max = kMaskedCode;
   for (int64_t j = 0; j < n; ++j) row_max = codes[j] > row_max ? codes[j] : row_max;
-  // 2. the integer exponential by table (codes are >= 0 but where masked)
-  // (the table indices first, in a vectorized loop without branches, then a plain gather)
+  // codes are >= 0 but where masked
   if (p.two_d) {
     const int32_t base = 256 * row_max;
     for (int64_t j = 0; j < n; ++j)
@@ -114,15 +117,20 @@ void lis_row(const float* acc, const float* bias, const int32_t* mask, int64_t n
     for (int64_t j = 0; j < n; ++j)
       codes[j] = std::min<int32_t>(row_max - codes[j], static_cast<int32_t>(kMasked1d));
   }
-  for (int64_t j = 0; j < n; ++j) e[j] = table[codes[j]];
+}
+
+// Stage 3 of a row: table indices -> N probabilities (e: scratch of N entries).
+template <typename out_t>
+void row_probabilities(const int32_t* index, int64_t n, const Params& p, const double* table,
+                       double* e, out_t* out) {
+  // the integer exponential by table, summed on the way (exact: any order gives the same S)
   if (p.exact_float64) {
-    double partial[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    double partial[4] = {0, 0, 0, 0};
     int64_t j = 0;
-    for (; j + 8 <= n; j += 8)
-      for (int k = 0; k < 8; ++k) partial[k] += e[j + k];
-    double total = 0;
-    for (; j < n; ++j) total += e[j];
-    for (int k = 0; k < 8; ++k) total += partial[k];
+    for (; j + 4 <= n; j += 4)
+      for (int k = 0; k < 4; ++k) partial[k] += e[j + k] = table[index[j + k]];
+    for (; j < n; ++j) partial[0] += e[j] = table[index[j]];
+    const double total = (partial[0] + partial[1]) + (partial[2] + partial[3]);
     // 3. y = round(S / e) (correctly rounded quotient, half to even), 4. log rounding, 2**-r
     for (int64_t j2 = 0; j2 < n; ++j2)
       out[j2] = convert<out_t>(probability(std::nearbyint(total / e[j2]), p.levels));
@@ -130,6 +138,7 @@ void lis_row(const float* acc, const float* bias, const int32_t* mask, int64_t n
   }
   // The int64 path of kernels.log_int_softmax_codes: floor division, remainder rounded half to
   // even, y clamped to 2**40 (inf for e == 0 lands there too). The sum wraps as ATen's int64 sum.
+  for (int64_t j = 0; j < n; ++j) e[j] = table[index[j]];
   uint64_t wrapped = 0;
   for (int64_t j = 0; j < n; ++j) wrapped += static_cast<uint64_t>(static_cast<int64_t>(e[j]));
   const int64_t total = static_cast<int64_t>(wrapped);
@@ -150,6 +159,35 @@ void lis_row(const float* acc, const float* bias, const int32_t* mask, int64_t n
     }
     out[j] = convert<out_t>(probability(static_cast<double>(y), p.levels));
   }
+}
+
+// All rows of [batch, heads, N, N], parallel over rows. A block of rows runs each stage for the
+// whole block before the next: stage 3's scalar table lookups then read indices whose (vector)
+// stores have left the store buffer, instead of waiting on store-to-load forwarding, which does
+// not serve narrow loads from wide stores.
+template <typename out_t>
+void run_rows(const float* acc, const float* bias, const int32_t* mask, int64_t batch,
+              int64_t heads, int64_t n, int64_t windows, const Params& p, const double* table,
+              out_t* out) {
+  const int64_t rows = batch * heads * n;
+  const int64_t block = std::max<int64_t>(1, 4096 / n);  // 16 KiB of codes: stays in L1
+  const int64_t grain = std::max<int64_t>(block, 16384 / n);
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    std::vector<int32_t> codes(block * n);
+    std::vector<double> e(n);
+    for (int64_t first = begin; first < end; first += block) {
+      const int64_t last = std::min(first + block, end);
+      for (int64_t row = first; row < last; ++row) {
+        const int64_t i = row % n, h = (row / n) % heads, b = row / (n * heads);
+        row_codes(acc + row * n, bias != nullptr ? bias + (h * n + i) * n : nullptr,
+                  mask != nullptr ? mask + ((b % windows) * n + i) * n : nullptr, n, p,
+                  codes.data() + (row - first) * n);
+      }
+      for (int64_t row = first; row < last; ++row) row_indices(codes.data() + (row - first) * n, n, p);
+      for (int64_t row = first; row < last; ++row)
+        row_probabilities(codes.data() + (row - first) * n, n, p, table, e.data(), out + row * n);
+    }
+  });
 }
 
 at::Tensor lis_softmax(const at::Tensor& acc, const at::Tensor& step, const at::Tensor& scale,
@@ -204,7 +242,7 @@ at::Tensor lis_softmax(const at::Tensor& acc, const at::Tensor& step, const at::
                 "the batch, got ", mask->sizes());
     windows = mask_c.size(0);
   }
-  p.levels = int64_t{1} << bits;
+  p.levels = int32_t{1} << bits;
   p.two_d = exp_table.numel() == kMasked2d + 1;
   p.exact_float64 = exact_float64;
 
@@ -215,36 +253,14 @@ at::Tensor lis_softmax(const at::Tensor& acc, const at::Tensor& step, const at::
   const float* bias_ptr = p.has_bias ? bias_c.data_ptr<float>() : nullptr;
   const int32_t* mask_ptr = windows ? mask_c.data_ptr<int32_t>() : nullptr;
   const double* table = table_c.data_ptr<double>();
-  const int64_t rows = batch * heads * n;
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(n, 1));
-
   AT_DISPATCH_SWITCH(out_type, "lis_softmax",
     AT_DISPATCH_CASE(at::kFloat, [&] {
-      float* out_ptr = out.data_ptr<float>();
-      at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-        std::vector<int32_t> codes(n);
-        std::vector<double> e(n);
-        for (int64_t row = begin; row < end; ++row) {
-          const int64_t i = row % n, h = (row / n) % heads, b = row / (n * heads);
-          lis_row<float>(acc_ptr + row * n, p.has_bias ? bias_ptr + (h * n + i) * n : nullptr,
-                         mask_ptr ? mask_ptr + ((b % windows) * n + i) * n : nullptr, n, p, table,
-                         codes.data(), e.data(), out_ptr + row * n);
-        }
-      });
+      run_rows(acc_ptr, bias_ptr, mask_ptr, batch, heads, n, windows, p, table,
+               out.data_ptr<float>());
     })
     AT_DISPATCH_CASE(at::kBFloat16, [&] {
-      c10::BFloat16* out_ptr = out.data_ptr<c10::BFloat16>();
-      at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-        std::vector<int32_t> codes(n);
-        std::vector<double> e(n);
-        for (int64_t row = begin; row < end; ++row) {
-          const int64_t i = row % n, h = (row / n) % heads, b = row / (n * heads);
-          lis_row<c10::BFloat16>(
-              acc_ptr + row * n, p.has_bias ? bias_ptr + (h * n + i) * n : nullptr,
-              mask_ptr ? mask_ptr + ((b % windows) * n + i) * n : nullptr, n, p, table,
-              codes.data(), e.data(), out_ptr + row * n);
-        }
-      });
+      run_rows(acc_ptr, bias_ptr, mask_ptr, batch, heads, n, windows, p, table,
+               out.data_ptr<c10::BFloat16>());
     }));
   return out;
 }
