@@ -1,18 +1,19 @@
-// Log-Int-Softmax of the integer attention (docs/method.md §8, §12) in one pass per row:
-// the q @ k^T accumulator -> the score point's codes (Swin: + the relative position bias, the
-// bias point's codes) -> row maximum -> integer exponential by table -> exact row sum ->
-// y = round(S / e) -> log rounding -> probabilities 2**-r.
+// Log-Int-Softmax of the integer attention (docs/method.md §8, §12), one read of the q @ k^T
+// accumulator and one write of the probabilities, the rest in L1 per block of rows: the score
+// point's codes (Swin: + the relative position bias, the bias point's codes, the shift mask) ->
+// row maximum -> integer exponential by table -> exact row sum -> y = round(S / e) -> log
+// rounding -> probabilities 2**-r.
 //
 // Bit for bit the pure PyTorch path (fqvit_pl/quant/integer/kernels.py: quantize_float,
 // dequantize, log_int_softmax_codes): every float operation is the same IEEE operation in the
 // same order (built with -ffp-contract=off: no fused multiply-add), rounding is half to even
 // (std::nearbyint in the default rounding mode), and the row sum is exact in either path (the
 // caller's exact_float64 bound, or int64), so its summation order does not matter.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
 
 #include <algorithm>
 #include <cmath>
@@ -99,7 +100,7 @@ void row_codes(const float* acc, const float* bias, const int32_t* mask, int64_t
     }
   }
   // a masked pair's code counts as kMaskedCode (below every code: never the row maximum unless
-  // the whole row is masked, which the converter rules out; the result is the PyTorch path's then too)
+  // the whole row is masked, which the converter rules out; even then as the PyTorch path)
   if (mask != nullptr)
     for (int64_t j = 0; j < n; ++j) codes[j] = mask[j] ? kMaskedCode : codes[j];
 }
@@ -151,7 +152,8 @@ void row_probabilities(const int32_t* index, int64_t n, const Params& p, const d
     } else {
       const int64_t safe = ej < 1 ? 1 : ej;
       y = total / safe;
-      if ((total % safe != 0) && ((total < 0) != (safe < 0))) --y;  // floor, as rounding_mode="floor"
+      // floor, as rounding_mode="floor"
+      if ((total % safe != 0) && ((total < 0) != (safe < 0))) --y;
       const int64_t rem2 = (total - y * safe) * 2;
       const int64_t odd = ((y % 2) + 2) % 2 == 1;  // torch's % follows the divisor's sign
       y += (rem2 > safe) || (rem2 == safe && odd);
@@ -183,7 +185,8 @@ void run_rows(const float* acc, const float* bias, const int32_t* mask, int64_t 
                   mask != nullptr ? mask + ((b % windows) * n + i) * n : nullptr, n, p,
                   codes.data() + (row - first) * n);
       }
-      for (int64_t row = first; row < last; ++row) row_indices(codes.data() + (row - first) * n, n, p);
+      for (int64_t row = first; row < last; ++row)
+        row_indices(codes.data() + (row - first) * n, n, p);
       for (int64_t row = first; row < last; ++row)
         row_probabilities(codes.data() + (row - first) * n, n, p, table, e.data(), out + row * n);
     }
@@ -206,6 +209,9 @@ at::Tensor lis_softmax(const at::Tensor& acc, const at::Tensor& step, const at::
                   (exp_table.numel() == kMasked2d + 1 || exp_table.numel() == kMasked1d + 1),
               "fqvit_native::lis_softmax: exp_table must be float64 [65537] or [257], got ",
               exp_table.sizes());
+  TORCH_CHECK(exp_table.device().is_cpu() && (!bias.has_value() || bias->device().is_cpu()) &&
+                  (!mask.has_value() || mask->device().is_cpu()),
+              "fqvit_native::lis_softmax: exp_table, bias and mask must be CPU tensors");
   TORCH_CHECK(bits >= 1 && bits <= 6, "fqvit_native::lis_softmax: bits must be in 1..6, got ",
               bits);
   const at::ScalarType out_type = dtype.value_or(at::kFloat);
