@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from .. import kernels as float_kernels
 from ..bit_type import BitType
-from . import kernels, native_ln
+from . import kernels, native, native_ln
 
 __all__ = ["IntPoint", "IntegerLinear", "IntegerLayerNorm", "IntegerAttention", "IntegerMlp"]
 
@@ -276,6 +276,10 @@ class IntegerAttention(nn.Module):
                 "lis_prob_table", kernels.lis_prob_table(softmax.bits), persistent=False
             )
             self.exact_float64 = True
+            #: whether forward runs the fused CPU kernel (``native_probabilities``) on CPU tensors:
+            #: set by ``refresh_tables`` (False where ``native.native_ops()`` is None); both
+            #: paths give the same bits
+            self.native_lis = False
         else:
             self.softmax_point = IntPoint(softmax)
         self.context_point = IntPoint(act)
@@ -300,6 +304,8 @@ class IntegerAttention(nn.Module):
             self.lis_exp_table = table.to(self.lis_prob_table.device)
             tokens = self.window_area or self.tokens
             self.exact_float64 = float(self.lis_exp_table.max()) * tokens < 2.0**52
+            # a Python flag, not a call in forward: torch.compile must not trace the build
+            self.native_lis = native.native_available()
 
     def relative_bias(self) -> Tensor:
         """Swin's quantized bias table gathered to ``[1, heads, N, N]`` (float values)."""
@@ -323,36 +329,68 @@ class IntegerAttention(nn.Module):
         below ``N * 255**2 < 2**24`` for ``N <= 258`` tokens.
         """
         qkv = self.qkv.codes_out(codes, in_point, self.qkv_point)
-        scores, v = self.scores(qkv)
-        context = self.context(scores, v, mask)
-        return self.proj.codes_out(context, self.context_point, self.proj_point)
-
-    def scores(self, qkv: Tensor) -> tuple[Tensor, Tensor]:
-        """qkv codes ``[B, N, 3 * dim]`` → (score codes ``[B, heads, N, N]`` of :meth:`lis_point`
-        as integer-valued float32,
-        the qkv codes, which :meth:`context` reads V from)."""
-        acc = kernels.attention_scores(
-            qkv, self.num_heads, self.qkv_point.py_zero_point, native=self._native(qkv)
+        if self.lis and self.native_lis and qkv.device.type == "cpu":
+            probs = self.native_probabilities(self.accumulator(qkv), mask)
+            context = self.attend(probs, qkv) * self.qkv_point.scale
+        else:
+            context = self.context(self.scores(qkv), qkv, mask)
+        return self.proj.codes_out(
+            self.context_point.quantize(context), self.context_point, self.proj_point
         )
-        s = self.qkv_point.scale
-        step = (s * self.scale) * s if self.scale_query_first else (s * s) * self.scale
+
+    def scores(self, qkv: Tensor) -> Tensor:
+        """qkv codes ``[B, N, 3 * dim]`` → score codes ``[B, heads, N, N]`` of :meth:`lis_point`
+        as integer-valued float32."""
+        acc = self.accumulator(qkv)
         # codes as integer-valued float32: LIS and the bias read them as numbers (no uint8 round trip)
         point = self.score_point
         scores = kernels.quantize_float(
-            acc.mul_(step), point.scale, point.zero_point, point.bit_type
+            acc.mul_(self.score_step()), point.scale, point.zero_point, point.bit_type
         )
         if self.window_area is not None:
             value = self.score_point.dequantize(scores).add_(self.relative_bias())
             point = self.bias_point
             scores = kernels.quantize_float(value, point.scale, point.zero_point, point.bit_type)
-        return scores, qkv
+        return scores
+
+    def accumulator(self, qkv: Tensor) -> Tensor:
+        """qkv codes ``[B, N, 3 * dim]`` → ``q @ k^T`` on the codes minus their zero point
+        ``[B, heads, N, N]`` (exact integers in float32, :func:`kernels.attention_scores`)."""
+        return kernels.attention_scores(
+            qkv, self.num_heads, self.qkv_point.py_zero_point, native=self._native(qkv)
+        )
+
+    def score_step(self) -> Tensor:
+        """The value of one unit of the ``q @ k^T`` accumulator (float32 ``[]``)."""
+        s = self.qkv_point.scale
+        return (s * self.scale) * s if self.scale_query_first else (s * s) * self.scale
+
+    def native_probabilities(self, acc: Tensor, mask: Tensor | None = None) -> Tensor:
+        """The Log-Int-Softmax probabilities ``2**-r`` (float32 ``[B, heads, N, N]``) from the
+        ``q @ k^T`` accumulator by the fused CPU kernel (``csrc/lis.cpp``): the score codes, Swin's
+        bias point and ``mask`` and :func:`kernels.log_int_softmax_codes` in one pass per row, bit
+        for bit :meth:`scores` followed by :meth:`context`'s Log-Int-Softmax."""
+        point = self.score_point
+        if self.window_area is None:
+            bias = bias_scale = bias_zero_point = None
+            bias_type = point.bit_type
+        else:
+            bias = self.relative_bias()[0]
+            bias_scale, bias_zero_point = self.bias_point.scale, self.bias_point.zero_point
+            bias_type = self.bias_point.bit_type
+        return torch.ops.fqvit_native.lis_softmax(
+            acc, self.score_step(), point.scale, point.zero_point,
+            point.bit_type.lower, point.bit_type.upper, bias, bias_scale, bias_zero_point,
+            bias_type.lower, bias_type.upper, mask, self.lis_exp_table, self.softmax_bits,
+            self.exact_float64,
+        )  # fmt: skip
 
     def _native(self, qkv: Tensor) -> bool:
         return self.native_matmul and qkv.device.type == "cpu"
 
     def context(self, scores: Tensor, qkv: Tensor, mask: Tensor | None = None) -> Tensor:
         """Softmax of the score codes, ``@ V`` (V's codes read from the qkv codes ``[B, N, 3 * dim]``),
-        merged heads: codes ``[B, N, dim]`` of ``context_point``."""
+        merged heads: the float32 values ``[B, N, dim]`` that ``context_point`` quantizes."""
         batch, _, tokens, _ = scores.shape
         if mask is not None:
             windows = mask.shape[0]
@@ -365,19 +403,18 @@ class IntegerAttention(nn.Module):
                 softmax_bits=self.softmax_bits,
             )  # fmt: skip
             probs = probs.view(batch, self.num_heads, tokens, tokens)
-            context = self._attend(probs, qkv) * self.qkv_point.scale
-        else:
-            value = self.lis_point().dequantize(scores)
-            if mask is not None:
-                value = value + mask
-            value = value.view(batch, self.num_heads, tokens, tokens)
-            p = self.softmax_point.quantize(float_kernels.softmax(value, -1))
-            p = p.to(torch.float32) - self.softmax_point.zero_point
-            context = self._attend(p, qkv) * (self.softmax_point.scale * self.qkv_point.scale)
-        return self.context_point.quantize(context)
+            return self.attend(probs, qkv) * self.qkv_point.scale
+        value = self.lis_point().dequantize(scores)
+        if mask is not None:
+            value = value + mask
+        value = value.view(batch, self.num_heads, tokens, tokens)
+        p = self.softmax_point.quantize(float_kernels.softmax(value, -1))
+        p = p.to(torch.float32) - self.softmax_point.zero_point
+        return self.attend(p, qkv) * (self.softmax_point.scale * self.qkv_point.scale)
 
-    def _attend(self, probs: Tensor, qkv: Tensor) -> Tensor:
-        """``probs`` ``[B, heads, N, N]`` ``@ (c_v - zp)``, merged heads: float32 ``[B, N, dim]``."""
+    def attend(self, probs: Tensor, qkv: Tensor) -> Tensor:
+        """``probs`` ``[B, heads, N, N]`` ``@ (c_v - zp)``, merged heads: float32 ``[B, N, dim]``
+        (exact, :func:`kernels.attention_context`)."""
         return kernels.attention_context(
             probs, qkv, self.num_heads, self.qkv_point.py_zero_point, native=self._native(qkv)
         )

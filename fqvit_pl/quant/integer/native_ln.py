@@ -1,5 +1,5 @@
 """The fused integer LayerNorm and residual kernels (``csrc/ln.cpp``; fake impls in
-:mod:`.native_ln_fake`): when they run, and their Python wrappers.
+:mod:`.native_fake`): when they run, and their Python wrappers.
 
 Same bits as the pure PyTorch kernels they replace (:func:`.kernels.int_layernorm_codes`, the
 residual's ``quantize_float(dequantize(x) + dequantize(branch))``), in two passes over a token

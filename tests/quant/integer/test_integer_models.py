@@ -161,12 +161,12 @@ def test_each_point_differs_in_at_most_1_code_in_1000_by_at_most_1(name):
         qkv = attn.qkv.codes_out(h, block.norm1_point, attn.qkv_point)
         check(qkv, f"{b}.attn.qkv_quant", attn.qkv_point)
         qkv = codes(f"{b}.attn.qkv_quant", attn.qkv_point)
-        scores, v = attn.scores(qkv)
+        scores = attn.scores(qkv)
         score_key = f"{b}.attn.bias_quant" if name == "swin_tiny" else f"{b}.attn.score_quant"
         check(scores, score_key, attn.lis_point())
         mask = getattr(block, "attn_mask", None)
-        context = attn.context(codes(score_key, attn.lis_point()), v, mask)
-        check(context, f"{b}.attn.context_quant", attn.context_point)
+        context = attn.context(codes(score_key, attn.lis_point()), qkv, mask)
+        check(attn.context_point.quantize(context), f"{b}.attn.context_quant", attn.context_point)
         proj = attn.proj.codes_out(
             codes(f"{b}.attn.context_quant", attn.context_point),
             attn.context_point,
