@@ -11,7 +11,6 @@ import math
 from typing import Any, Mapping
 
 import torch
-import torch.nn.functional as F
 from timm.models.swin_transformer import window_partition, window_reverse
 from torch import Tensor, nn
 
@@ -159,17 +158,28 @@ class IntegerViT(_IntegerModel):
         self.head = IntegerLinear(dim, config["num_classes"])
         self.logits_point = IntPoint(bits.act)
 
+    def _float_patch_conv(self, images: Tensor) -> Tensor:
+        """ViT's patch embedding on float pixels: ``[B, C, H, W]`` → float32 ``[B, tokens, dim]``.
+
+        A float operation (there are no input codes), so it is the simulation's own: the same
+        convolution kernel on the same fake-quantized weight (``code * scale``, bit for bit the
+        simulation's). A GEMM on the unfolded patches sums in another order and moves a value
+        across a rounding boundary of the next point now and then (measured: 1 code in 32,768,
+        5% of the quantization error of a reduced vit_base's logits).
+        """
+        proj = self.patch_proj
+        weight = proj.weight.to(torch.float32) * proj.weight_scale[:, None]
+        weight = weight.view(-1, self.in_chans, *self.patch_size)
+        value = float_kernels.conv2d(images, weight, proj.bias, self.patch_size, (0, 0), (1, 1), 1)
+        return value.flatten(2).transpose(1, 2)
+
     def forward(self, images: Tensor) -> Tensor:
         """Images ``[B, in_chans, H, W]`` → logits ``[B, num_classes]``."""
         if self.input_point is not None:
             codes = kernels.patches(self.input_point.quantize(images), self.patch_size)
             tokens = self.patch_proj.codes_out(codes, self.input_point, self.proj_point)
-        else:  # ViT has no input point: the patch conv sees float pixels (int8 weight, float GEMM)
-            weight = (
-                self.patch_proj.weight.to(torch.float32) * self.patch_proj.weight_scale[:, None]
-            )
-            value = F.linear(kernels.patches(images, self.patch_size), weight, self.patch_proj.bias)
-            tokens = self.proj_point.quantize(value)
+        else:  # ViT has no input point: the patch conv sees float pixels (int8 weight, float conv)
+            tokens = self.proj_point.quantize(self._float_patch_conv(images))
         x = self.proj_point.dequantize(tokens)
         x = self.cls_point.fake_quantize(
             torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], 1)

@@ -74,12 +74,12 @@ def _calibrated(name: str, method: str, outliers: bool, seed: int = 0) -> nn.Mod
     return model
 
 
-#: Cases measured above the 5% bar (rare one-code differences at GEMM/GELU rounding boundaries
-#: compound through these small random networks; Swin: 13-16%). Known gap, see docs/integer.md.
+#: Cases measured above the 5% bar (benchmarks/integer_agreement.py): a handful of one-code
+#: differences at GEMM rounding boundaries (DeiT: 2 qkv codes of 104,448) compound through these
+#: small random networks (Swin: 9-16%). Known gap, see docs/integer.md.
 ABOVE_BAR = {
     ("deit_tiny", "ema", True),
     ("deit_tiny", "percentile", True),
-    ("vit_base", "minmax", False),
     *(("swin_tiny", m, o) for m in ("minmax", "ema", "percentile", "omse") for o in (False, True)),
 }
 
