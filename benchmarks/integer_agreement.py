@@ -10,6 +10,10 @@ networks, 32 images). For each case it prints:
 - ``--points``: per quantization point, the fraction of codes where the integer operation, fed the
   simulation's codes of its inputs, differs from the simulation's codes (the local mismatch rate),
   and the largest difference;
+- ``--sensitivity``: the noise floor: the *simulation's* logits ratio when 1 or 4 random codes of
+  its first qkv point move by one step (what a single rounding-boundary difference costs);
+- ``--simulation-lis-sum`` (experiment): the integer Log-Int-Softmax sums its exponentials as the
+  simulation does (float32, rounded) instead of exactly (pure path: the fused kernel is off);
 - ``--attribute``: the logits ratio of *hybrid* runs: the simulation with only one kind of
   operation (``qkv``, ``score``, ``context``, ...) replaced by the integer one (fed the hybrid's
   own codes), everything else simulated. A kind whose hybrid ratio is near the full ratio carries
@@ -29,6 +33,7 @@ from torch import Tensor, nn
 from fqvit_pl.models import create_model
 from fqvit_pl.quant import calibrate, disable_quantization, enable_quantization, to_integer
 from fqvit_pl.quant.integer import kernels
+from fqvit_pl.quant.integer.layers import IntegerAttention
 from fqvit_pl.quant.integer.models import _residual
 
 VIT = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2)
@@ -323,23 +328,98 @@ class Replayer:
         return integer.logits_point.fake_quantize(integer.head(self.codes(before), pt))
 
 
+def simulation_sum_lis(
+    score_codes: Tensor,
+    exp_table: Tensor,
+    out_table: Tensor,
+    mask: Tensor | None = None,
+    **_: object,
+) -> Tensor:
+    """The integer Log-Int-Softmax with the simulation's float32 row sum (experiment).
+
+    :func:`kernels.log_int_softmax_codes` sums the exponentials exactly; the simulation sums
+    them in float32 (ATen's ``sum``, values up to ~2e12, so the sum rounds) and divides in float32,
+    and ``round(S / e)`` then lands on the other side of a half-integer now and then, which flips a
+    4-bit probability. Here: the same ATen ``sum`` and ``div`` on the same float32 exponentials.
+    Only for the ``[65537]`` table (the converter's default)."""
+    shape = score_codes.shape
+    c = score_codes if score_codes.is_floating_point() else score_codes.to(torch.int32)
+    if mask is not None:
+        c = c.masked_fill(mask, -512)
+    index = c + c.amax(dim=-1, keepdim=True).mul_(256)
+    if mask is not None:
+        index = index.masked_fill_(mask.expand(shape), kernels.MASKED_2D)
+    flat = index.reshape(-1).to(torch.int32)
+    e = torch.index_select(exp_table, 0, flat).view(shape).to(torch.float32)
+    y = torch.div(e.sum(dim=-1, keepdim=True), e).round_().to(torch.float64)
+    key = y.view(torch.int64).bitwise_right_shift_(51)
+    return torch.index_select(out_table, 0, key.view(-1)).view(shape)
+
+
+@torch.no_grad()
+def sensitivity(model: nn.Module, integer: nn.Module, x: Tensor, full: Tensor, moved: int) -> str:
+    """The noise floor: the simulation's logits when ``moved`` random codes of the first qkv point
+    move by one step (median and max ratio over 5 seeds)."""
+    swin = hasattr(integer, "layers")
+    name = "layers.0.blocks.0.attn.qkv_quant" if swin else "blocks.0.attn.qkv_quant"
+    point = integer.get_submodule(int_point_name(name))
+    simulated = model(x)
+    ratios = []
+    for seed in range(5):
+        g = torch.Generator().manual_seed(seed)
+
+        def hook(module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
+            codes = point.quantize(output).to(torch.int64).reshape(-1)
+            where = torch.randperm(codes.numel(), generator=g)[:moved]
+            step = torch.randint(0, 2, (moved,), generator=g) * 2 - 1
+            codes[where] = (codes[where] + step).clamp(0, point.bit_type.upper)
+            return point.dequantize(codes.view(output.shape).to(torch.uint8))
+
+        handle = model.get_submodule(name).register_forward_hook(hook)
+        ratios.append(ratio(model(x), simulated, full))
+        handle.remove()
+    ratios.sort()
+    return f"median {100 * ratios[2]:.1f}%, max {100 * ratios[-1]:.1f}%"
+
+
 def ratio(a: Tensor, b: Tensor, full: Tensor) -> float:
     return float((a - b).norm() / (b - full).norm())
 
 
 @torch.no_grad()
-def run_case(name: str, method: str, outliers: bool, points: bool, attribute: bool) -> float:
+def run_case(
+    name: str,
+    method: str,
+    outliers: bool,
+    points: bool = False,
+    attribute: bool = False,
+    noise: bool = False,
+    simulation_sum: bool = False,
+) -> float:
     model = calibrated(name, method, outliers)
     x = images(32, ARCHS[name]["img_size"], 100)
     simulated = model(x)
     integer = to_integer(model)
+    if simulation_sum:
+        for module in integer.modules():
+            if isinstance(module, IntegerAttention):
+                module.native_lis = False  # the fused kernel sums exactly
     int_logits = integer(x)
     disable_quantization(model)
     full = model(x)
     enable_quantization(model)
     case = f"{name}-{method}-{'outliers' if outliers else 'random'}"
     r = ratio(int_logits, simulated, full)
-    print(f"{case:34s} ratio {100 * r:6.2f}%", flush=True)
+    # the logits are a point's values: they differ by whole steps of its scale
+    step = integer.logits_point.scale.reshape(-1)[0]
+    moved = integer.logits_point.quantize(int_logits) != integer.logits_point.quantize(simulated)
+    codes, rows = int(moved.sum()), int(moved.any(dim=1).sum())
+    unit = float(step / (simulated - full).norm())
+    print(
+        f"{case:34s} ratio {100 * r:6.2f}%  ({codes} of {simulated.numel()} logit codes differ,"
+        f" in {rows} of {len(x)} images; one logit step = {100 * unit:.2f}%)",
+        flush=True,
+    )
     if points:
         replay = Replayer(model, integer, set())
         model(x)
@@ -363,6 +443,12 @@ def run_case(name: str, method: str, outliers: bool, points: bool, attribute: bo
             label = "all" if len(kinds) > 1 else next(iter(kinds))
             results.append(f"{label} {100 * ratio(hybrid, simulated, full):.1f}%")
         print("    hybrid ratio (one kind integer): " + ", ".join(results))
+    if noise:
+        floor = ", ".join(
+            f"{k} code{'s' if k > 1 else ''}: {sensitivity(model, integer, x, full, k)}"
+            for k in (1, 4)
+        )
+        print(f"    simulation with first-qkv codes moved by one step: {floor}")
     return r
 
 
@@ -371,16 +457,29 @@ def main() -> None:
     parser.add_argument("--cases", nargs="*", help="name-method-random|outliers (default: all 24)")
     parser.add_argument("--points", action="store_true", help="local mismatch rate per point")
     parser.add_argument("--attribute", action="store_true", help="hybrid runs per kind of op")
+    parser.add_argument(
+        "--sensitivity", action="store_true", help="the simulation with 1 or 4 qkv codes moved"
+    )
+    parser.add_argument(
+        "--simulation-lis-sum",
+        action="store_true",
+        help="experiment: the integer Log-Int-Softmax with the simulation's float32 row sum",
+    )
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.simulation_lis_sum:
+        kernels.log_int_softmax_codes = simulation_sum_lis
     cases = [(n, m, o) for n in ARCHS for m in METHODS for o in (False, True)]
     if args.cases:
         wanted = set(args.cases)
         cases = [c for c in cases if f"{c[0]}-{c[1]}-{'outliers' if c[2] else 'random'}" in wanted]
     above = 0
     for case in cases:
-        above += run_case(*case, args.points, args.attribute) > 0.05
+        above += (
+            run_case(*case, args.points, args.attribute, args.sensitivity, args.simulation_lis_sum)
+            > 0.05
+        )
     print(f"{above} of {len(cases)} cases above the 5% bar")
 
 
