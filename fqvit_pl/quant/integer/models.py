@@ -158,7 +158,7 @@ class IntegerViT(_IntegerModel):
         self.head = IntegerLinear(dim, config["num_classes"])
         self.logits_point = IntPoint(bits.act)
 
-    def _float_patch_conv(self, images: Tensor) -> Tensor:
+    def float_patch_conv(self, images: Tensor) -> Tensor:
         """ViT's patch embedding on float pixels: ``[B, C, H, W]`` → float32 ``[B, tokens, dim]``.
 
         A float operation (there are no input codes), so it is the simulation's own: the same
@@ -179,7 +179,7 @@ class IntegerViT(_IntegerModel):
             codes = kernels.patches(self.input_point.quantize(images), self.patch_size)
             tokens = self.patch_proj.codes_out(codes, self.input_point, self.proj_point)
         else:  # ViT has no input point: the patch conv sees float pixels (int8 weight, float conv)
-            tokens = self.proj_point.quantize(self._float_patch_conv(images))
+            tokens = self.proj_point.quantize(self.float_patch_conv(images))
         x = self.proj_point.dequantize(tokens)
         x = self.cls_point.fake_quantize(
             torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], 1)

@@ -201,6 +201,27 @@ def test_each_point_differs_in_at_most_1_code_in_1000_by_at_most_1(name):
     assert checked == 10 * len(blocks)
 
 
+@pytest.mark.parametrize("outliers", [False, True])
+@torch.no_grad()
+def test_vit_float_patch_embedding_gives_the_simulation_codes_exactly(outliers):
+    """ViT has no input point: its patch conv is a float operation, which must be the
+    simulation's own (the same convolution on the same weight values), not merely close."""
+    model = _calibrated("vit_base", "minmax", outliers)
+    integer = to_integer(model)
+    images = _images(16, VIT["img_size"], 7)
+    seen = {}
+    hook = model.patch_embed.proj_quant.register_forward_hook(
+        lambda module, inputs, output: seen.update(value=inputs[0], codes=output)
+    )
+    model(images)
+    hook.remove()
+    value = integer.float_patch_conv(images)
+    assert torch.equal(value, seen["value"])  # bit for bit, before the point rounds it
+    assert torch.equal(
+        integer.proj_point.quantize(value), integer.proj_point.quantize(seen["codes"])
+    )
+
+
 @pytest.mark.parametrize("name", ["deit_tiny", "swin_tiny"])
 @torch.no_grad()
 def test_state_is_int8_weights_and_rebuilds_from_its_description(name):
