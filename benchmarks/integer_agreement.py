@@ -65,6 +65,8 @@ KINDS = {
     "head.logits_quant": "head",
 }
 ALL_KINDS = sorted(set(KINDS.values()))
+#: the integer GEMM backend (``--backend``; None: the converter's default)
+BACKEND: str | None = None
 
 
 @torch.no_grad()
@@ -400,6 +402,8 @@ def run_case(
     x = images(32, ARCHS[name]["img_size"], 100)
     simulated = model(x)
     integer = to_integer(model)
+    if BACKEND is not None:
+        integer.set_backend(BACKEND)
     if simulation_sum:
         for module in integer.modules():
             if isinstance(module, IntegerAttention):
@@ -465,8 +469,13 @@ def main() -> None:
         action="store_true",
         help="experiment: the integer Log-Int-Softmax with the simulation's float32 row sum",
     )
+    parser.add_argument(
+        "--backend", choices=("onednn", "int_mm"), help="integer GEMM backend (default: onednn)"
+    )
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
+    global BACKEND
+    BACKEND = args.backend
     torch.set_num_threads(args.threads)
     if args.simulation_lis_sum:
         kernels.log_int_softmax_codes = simulation_sum_lis
