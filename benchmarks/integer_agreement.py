@@ -23,22 +23,33 @@ networks, 32 images). For each case it prints:
 from __future__ import annotations
 
 import argparse
+import importlib.util
 from collections import defaultdict
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fqvit_pl.models import create_model
-from fqvit_pl.quant import calibrate, disable_quantization, enable_quantization, to_integer
+from fqvit_pl.quant import disable_quantization, enable_quantization, to_integer
 from fqvit_pl.quant.integer import kernels
 from fqvit_pl.quant.integer.layers import IntegerAttention
 from fqvit_pl.quant.integer.models import _residual
 
-VIT = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2)
-SWIN = dict(img_size=64, patch_size=4, window_size=4, embed_dim=32, depths=(2, 2), num_heads=(2, 4))
-ARCHS = {"deit_tiny": VIT, "vit_base": VIT, "swin_tiny": SWIN}
+
+def _test_cases():
+    """tests/quant/integer/test_integer_models.py, whose networks, weights and images this measures."""
+    path = Path(__file__).resolve().parents[1] / "tests/quant/integer/test_integer_models.py"
+    spec = importlib.util.spec_from_file_location("integer_model_cases", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_CASES = _test_cases()
+ARCHS = _CASES.ARCHS
+randomize, images, calibrated = _CASES._randomize, _CASES._images, _CASES._calibrated
 METHODS = ("minmax", "ema", "percentile", "omse")
 
 #: the kind of operation that produces each point (by the simulation's point name suffix)
@@ -67,53 +78,6 @@ KINDS = {
 ALL_KINDS = sorted(set(KINDS.values()))
 #: the integer GEMM backend (``--backend``; None: the converter's default)
 BACKEND: str | None = None
-
-
-@torch.no_grad()
-def randomize(model: nn.Module, seed: int, outliers: bool) -> nn.Module:
-    """The test's unit-gain random weights (``outliers``: 8x channels in the stream, a 6x fc1 row)."""
-    g = torch.Generator().manual_seed(seed)
-    for module in model.modules():
-        if isinstance(module, nn.Linear):
-            module.weight.copy_(
-                torch.randn(module.weight.shape, generator=g) * module.in_features**-0.5
-            )
-            if module.bias is not None:
-                module.bias.copy_(torch.randn(module.bias.shape, generator=g) * 0.1)
-        elif isinstance(module, nn.LayerNorm):
-            module.weight.copy_(torch.randn(module.weight.shape, generator=g) * 0.2 + 1)
-            module.bias.copy_(torch.randn(module.bias.shape, generator=g) * 0.1)
-        elif isinstance(module, nn.Conv2d):
-            module.weight.copy_(
-                torch.randn(module.weight.shape, generator=g) * module.weight[0].numel() ** -0.5
-            )
-            module.bias.copy_(torch.randn(module.bias.shape, generator=g) * 0.1)
-    for name, param in model.named_parameters():
-        if name in ("cls_token", "pos_embed") or name.endswith("relative_position_bias_table"):
-            param.copy_(torch.randn(param.shape, generator=g) * 0.5)
-    if outliers:
-        if hasattr(model, "cls_token"):
-            model.patch_embed.proj.weight[[3, 17]] *= 8
-            model.patch_embed.proj.bias[[3, 17]] *= 8
-        else:
-            model.patch_embed.norm.weight[[3, 17]] *= 8
-            model.patch_embed.norm.bias[[3, 17]] *= 8
-        first = model.blocks[0] if hasattr(model, "blocks") else model.layers[0].blocks[0]
-        first.mlp.fc1.weight[5] *= 6
-    return model
-
-
-def images(count: int, size: int, seed: int) -> Tensor:
-    return torch.randn(count, 3, size, size, generator=torch.Generator().manual_seed(seed))
-
-
-def calibrated(name: str, method: str, outliers: bool) -> nn.Module:
-    kwargs = ARCHS[name]
-    model = randomize(
-        create_model(name, method=method, num_classes=10, model_kwargs=kwargs), 0, outliers
-    )
-    calibrate(model, [images(8, kwargs["img_size"], s) for s in range(2)])
-    return model
 
 
 def kind_of(name: str) -> str | None:
