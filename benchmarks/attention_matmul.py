@@ -28,11 +28,10 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
-import time
 from collections.abc import Callable
 
 import torch
+from cpu_timing import add_clock_option, clock, with_malloc_thresholds
 
 from fqvit_pl.quant.integer import kernels
 
@@ -47,7 +46,6 @@ SHAPES = {
     "swin_tiny.4": (8, 49, 24, 32),
 }
 ZERO_POINT = 128
-MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(2**30), "MALLOC_TRIM_THRESHOLD_": str(2**30)}
 
 
 def _args() -> argparse.Namespace:
@@ -56,13 +54,7 @@ def _args() -> argparse.Namespace:
     parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--reps", type=int, default=15)
     parser.add_argument("--no-int-mm", action="store_true", help="skip the int_mm loop")
-    parser.add_argument(
-        "--clock",
-        choices=["wall", "cpu"],
-        default="wall",
-        help="cpu: this process's CPU time (time.process_time), robust to other jobs on a busy "
-        "machine; meaningful with --threads 1",
-    )
+    add_clock_option(parser)
     return parser.parse_args()
 
 
@@ -127,24 +119,23 @@ def _candidates(
 
 
 def _paired(
-    candidates: dict[str, Callable[[], torch.Tensor]], reps: int, clock: Callable[[], float]
+    candidates: dict[str, Callable[[], torch.Tensor]], reps: int, timer: Callable[[], float]
 ) -> dict[str, float]:
     for fn in candidates.values():
         fn()  # warm up
     times: dict[str, list[float]] = {name: [] for name in candidates}
     for _ in range(reps):
         for name, fn in candidates.items():
-            start = clock()
+            start = timer()
             fn()
-            times[name].append(clock() - start)
+            times[name].append(timer() - start)
     return {name: statistics.median(t) * 1e3 for name, t in times.items()}
 
 
 def main() -> None:
     args = _args()
-    if any(os.environ.get(k) != v for k, v in MALLOC.items()):
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **MALLOC})
-    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    with_malloc_thresholds()
+    timer = clock(args.clock)
     print(
         f"torch {torch.__version__}, {args.clock} clock, load average {os.getloadavg()[0]:.1f}, "
         f"median of {args.reps} paired rounds, ms per call (x = fp32 / candidate)"
@@ -157,7 +148,7 @@ def main() -> None:
             shape = SHAPES[name]
             qkv, probs = _inputs(shape)
             for matmul, candidates in _candidates(shape, qkv, probs, not args.no_int_mm).items():
-                times = _paired(candidates, args.reps, clock)
+                times = _paired(candidates, args.reps, timer)
                 for candidate, ms in times.items():
                     print(
                         f"| {name} {list(shape)} | {threads} | {matmul} | {candidate} | "

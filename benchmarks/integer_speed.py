@@ -29,10 +29,10 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 
-MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(2**30), "MALLOC_TRIM_THRESHOLD_": str(2**30)}
+from cpu_timing import MALLOC, add_clock_option, clock, with_malloc_thresholds
+
 TIMM = {
     "deit_tiny": "deit_tiny_patch16_224",
     "deit_small": "deit_small_patch16_224",
@@ -60,13 +60,7 @@ def _args() -> argparse.Namespace:
     )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--default-malloc", action="store_true")
-    parser.add_argument(
-        "--clock",
-        choices=["wall", "cpu"],
-        default="wall",
-        help="cpu: this process's CPU time (time.process_time), robust to other jobs on a busy "
-        "machine; meaningful with --threads 1",
-    )
+    add_clock_option(parser)
     return parser.parse_args()
 
 
@@ -75,18 +69,18 @@ def _state_bytes(module) -> int:
 
 
 def _paired(
-    float_fn, int_fn, reps: int, sync, clock=time.perf_counter
+    float_fn, int_fn, reps: int, sync, timer=time.perf_counter
 ) -> tuple[float, float, float]:
     """Median (float ms, integer ms, float / integer) over ``reps`` back-to-back pairs."""
     pairs = []
     for _ in range(reps):
-        t0 = clock()
+        t0 = timer()
         float_fn()
         sync()
-        t1 = clock()
+        t1 = timer()
         int_fn()
         sync()
-        t2 = clock()
+        t2 = timer()
         pairs.append((t1 - t0, t2 - t1))
     ratio = statistics.median(a / b for a, b in pairs)
     return (
@@ -119,8 +113,8 @@ def _torchao_model(float_model, images):
 
 def main() -> None:
     args = _args()
-    if not args.default_malloc and any(os.environ.get(k) != v for k, v in MALLOC.items()):
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **MALLOC})
+    if not args.default_malloc:
+        with_malloc_thresholds()
     import timm
     import torch
 
@@ -135,7 +129,7 @@ def main() -> None:
         if args.default_malloc
         else ", ".join(f"{k}={v}" for k, v in MALLOC.items())
     )
-    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    timer = clock(args.clock)
     print(
         f"torch {torch.__version__}, {args.threads} threads, {args.clock} clock, "
         f"load average {os.getloadavg()[0]:.1f}, batch {args.batch}x3x224x224, "
@@ -177,7 +171,7 @@ def main() -> None:
                     runner(images)
                 sync()
                 f_ms, i_ms, ratio = _paired(
-                    lambda: reference(images), lambda: runner(images), args.reps, sync, clock
+                    lambda: reference(images), lambda: runner(images), args.reps, sync, timer
                 )
                 print(
                     f"| {name} | {label} | {f_ms:.0f} | {i_ms:.0f} | **{ratio:.2f}x** | "

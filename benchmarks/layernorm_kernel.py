@@ -14,26 +14,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import sys
-import time
 
 import torch
+from cpu_timing import add_clock_option, clock, median_ms, with_malloc_thresholds
 
 from fqvit_pl.quant import get_bit_type
 from fqvit_pl.quant.integer import kernels, native_ln
 from fqvit_pl.quant.integer.native import native_ops
-
-MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(2**30), "MALLOC_TRIM_THRESHOLD_": str(2**30)}
-
-
-def _median_ms(fn, reps: int, clock) -> float:
-    times = []
-    for _ in range(reps):
-        start = clock()
-        fn()
-        times.append((clock() - start) * 1e3)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -41,11 +28,10 @@ def main() -> None:
     parser.add_argument("--shape", type=int, nargs="+", default=[8, 197, 192])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--reps", type=int, default=50)
-    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall")
+    add_clock_option(parser)
     args = parser.parse_args()
-    if any(os.environ.get(k) != v for k, v in MALLOC.items()):
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **MALLOC})
-    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    with_malloc_thresholds()
+    timer = clock(args.clock)
     torch.set_num_threads(args.threads)
     if native_ops() is None:
         raise SystemExit("the fused kernels are not available (FQVIT_NATIVE=0 or a failed build)")
@@ -84,8 +70,8 @@ def main() -> None:
             assert torch.equal(pure(), fused()), name
             pure_ms, fused_ms = [], []
             for _ in range(3):  # interleaved rounds
-                pure_ms.append(_median_ms(pure, args.reps, clock))
-                fused_ms.append(_median_ms(fused, args.reps, clock))
+                pure_ms.append(median_ms(pure, args.reps, timer))
+                fused_ms.append(median_ms(fused, args.reps, timer))
             p, f = min(pure_ms), min(fused_ms)
             print(
                 f"{name:10s} shape={list(shape)} threads={args.threads} {args.clock} clock "

@@ -26,26 +26,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 
 import torch
+from cpu_timing import add_clock_option, clock, median_ms
 
 from fqvit_pl.quant import get_bit_type
 from fqvit_pl.quant.integer import kernels, native
 
 UINT8 = get_bit_type("uint8")
-
-
-def _time(fn, reps: int, clock) -> float:
-    fn()
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = clock()
-        fn()
-        times.append(clock() - t0)
-    return 1000 * statistics.median(times)
 
 
 def _case(name: str, g: torch.Generator):
@@ -97,9 +85,9 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--cases", nargs="+", default=["deit_tiny", "swin_tiny"])
     parser.add_argument("--no-compile", action="store_true")
-    parser.add_argument("--clock", choices=["cpu", "wall"], default="cpu")
+    add_clock_option(parser, default="cpu")
     args = parser.parse_args()
-    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    timer = clock(args.clock)
     torch.set_num_threads(args.threads)
     if native.native_ops() is None:
         raise SystemExit("the fused kernels are not built (FQVIT_NATIVE=0 or no compiler)")
@@ -137,7 +125,7 @@ def main() -> None:
         base = None
         shape = "x".join(map(str, c["acc"].shape))
         for label, fn in rows:
-            ms = _time(fn, args.reps, clock)
+            ms = median_ms(fn, args.reps, timer, warmup=2)
             base = base or ms
             print(f"| {name} {shape} | {label} | {ms:.2f} | {base / ms:.1f}x |", flush=True)
 
