@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_integer_compiled import TINY, _integer
 from test_integer_kernels import lis_reference
-from test_integer_models import _images, _randomize
+from test_integer_models import _images
 from torch import Tensor, nn
 
-from fqvit_pl.models import create_model
-from fqvit_pl.quant import calibrate, compile_integer, get_bit_type, to_integer
+from fqvit_pl.quant import compile_integer, get_bit_type
 from fqvit_pl.quant.functional import log_int_softmax
 from fqvit_pl.quant.integer import IntegerAttention, kernels, native
 
@@ -221,23 +221,6 @@ def test_native_bad_input_is_a_named_error():
 
 
 # -- in the integer models ------------------------------------------------------------------------
-
-TINY = {
-    "deit_tiny": dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2),
-    # 8x8 tokens, windows of 4x4: the second block shifts them (the -100 mask)
-    "swin_tiny": dict(
-        img_size=32, patch_size=4, window_size=4, embed_dim=32, depths=(2,), num_heads=(2,)
-    ),
-}
-
-
-def _integer(name: str) -> nn.Module:
-    kwargs = TINY[name]
-    model = _randomize(
-        create_model(name, method="minmax", num_classes=10, model_kwargs=kwargs), 0, False
-    )
-    calibrate(model, [_images(8, kwargs["img_size"], s) for s in range(2)])
-    return to_integer(model)
 
 
 def _set_native(model: nn.Module, on: bool) -> list[IntegerAttention]:
