@@ -7,8 +7,13 @@ the integer model computed exactly (``int_mm`` GEMMs, IEEE float32 ``sqrt``, as 
 ``‖ort − integer‖ / ‖simulated − float‖`` (the issue's bar: 0.05), top-1 agreement (bar: 99%) and
 the share of images whose logits are equal bit for bit.
 
+With ``--ckpt`` the network is instead the offline demo's trained one (``configs/demo.yaml``,
+with the calibration its checkpoint carries) on the digits' validation images: the same
+measurements on trained weights.
+
     python benchmarks/onnx_parts.py                          # deit_tiny and swin_tiny, 64 images
     python benchmarks/onnx_parts.py --models deit_tiny --images 32
+    python benchmarks/onnx_parts.py --ckpt runs/demo/checkpoints/last.ckpt   # the trained demo
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests", "export"))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 PARTS = ("none", "scores", "quantize", "linear", "layernorm", "softmax", "all")
 
@@ -36,17 +42,33 @@ def _ieee_sqrt(sqrt: Any) -> Any:
     return wrapped
 
 
+def reduced_network(name: str, count: int) -> tuple[torch.nn.Module, torch.Tensor]:
+    """The reduced random test network ``name``, calibrated, and ``count`` random images."""
+    from export_helpers import ARCHS, calibrated, images
+
+    return calibrated(name), images(count, ARCHS[name]["img_size"], 100)
+
+
+def demo_network(ckpt: str, count: int | None) -> tuple[torch.nn.Module, torch.Tensor]:
+    """The demo's trained network with its checkpoint's calibration, and its validation images."""
+    from demo_network import demo_model, demo_model_args
+
+    from datamodules import DigitsDataModule
+
+    size = demo_model_args()["model_kwargs"]["img_size"]
+    x = torch.cat([images for images, _ in DigitsDataModule(img_size=size).val_dataloader()])
+    return demo_model(ckpt, calibration=True), x[:count]
+
+
 @torch.no_grad()
-def measure(name: str, count: int) -> list[dict[str, Any]]:
+def measure(label: str, model: torch.nn.Module, x: torch.Tensor) -> list[dict[str, Any]]:
     """One row per part: distance to the exact integer model, top-1 agreement, bit-equal images."""
     import onnxruntime as ort
-    from export_helpers import ARCHS, calibrated, images
 
     from fqvit_pl.export.onnx_graph import _FAST_PARTS, _Exporter
     from fqvit_pl.quant import disable_quantization, enable_quantization, to_integer
 
-    model = calibrated(name)
-    x = images(count, ARCHS[name]["img_size"], 100)
+    enable_quantization(model)  # a loaded checkpoint's calibration starts switched off
     simulated = model(x)
     disable_quantization(model)
     full = model(x)
@@ -70,7 +92,7 @@ def measure(name: str, count: int) -> list[dict[str, Any]]:
         )
         out = torch.from_numpy(session.run(["logits"], {"images": x.numpy()})[0])
         rows.append({
-            "model": name, "fast part": part,
+            "model": label, "fast part": part,
             "distance / quantization error": float((out - reference).norm() / error),
             "top-1 agreement": float((out.argmax(1) == reference.argmax(1)).float().mean()),
             "bit-equal images": float((out == reference).all(1).float().mean()),
@@ -82,10 +104,17 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     """Print the table; returns its rows."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["deit_tiny", "swin_tiny"])
-    parser.add_argument("--images", type=int, default=64)
+    parser.add_argument("--images", type=int, default=None, help="default: 64 (--ckpt: all 359)")
+    parser.add_argument(
+        "--ckpt", help="the demo's Lightning checkpoint: measure its trained network"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    rows = [row for name in args.models for row in measure(name, args.images)]
+    if args.ckpt:
+        rows = measure("demo", *demo_network(args.ckpt, args.images))
+    else:
+        count = args.images or 64
+        rows = [row for name in args.models for row in measure(name, *reduced_network(name, count))]
     print(
         f"{'model':10s} {'fast part':10s} {'‖ort−int‖/‖sim−float‖':>22s} {'top-1':>6s} {'bit-equal':>9s}"
     )

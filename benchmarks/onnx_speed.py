@@ -19,6 +19,7 @@ exact form's Log-Int-Softmax, which divides in int64 where a row's exponentials 
     python benchmarks/onnx_speed.py --models deit_tiny swin_tiny --reps 7
     python benchmarks/onnx_speed.py --profile                      # + time per ONNX op type
     python benchmarks/onnx_speed.py --form exact                   # the bit-exact graph
+    python benchmarks/onnx_speed.py --fast-parts layernorm softmax # exact but for these parts
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from fqvit_pl.export.onnx_graph import _FAST_PARTS  # noqa: E402  (after the path)
 
 INTEGER_GEMMS = ("MatMulInteger", "MatMulIntegerToFloat", "QGemm", "QLinearMatMul")
 
@@ -129,7 +132,15 @@ def bench_model(name: str, args: argparse.Namespace, workdir: str) -> dict[str, 
     int8_weights = os.path.join(workdir, f"{name}_int8.safetensors")
     save_quantized(model, int8_weights)
     int8_onnx = os.path.join(workdir, f"{name}_int8.onnx")
-    export_onnx(model, int8_onnx, exact=args.form == "exact", gemm=args.gemm)
+    if args.fast_parts:  # the exact graph with only these parts in their fast form
+        from fqvit_pl.export.artifact import as_integer_model
+        from fqvit_pl.export.onnx_graph import _Exporter
+
+        exporter = _Exporter(as_integer_model(model), exact=False, gemm=args.gemm)
+        exporter.fast = set(args.fast_parts)
+        onnx.save(exporter.build(), int8_onnx)
+    else:
+        export_onnx(model, int8_onnx, exact=args.form == "exact", gemm=args.gemm)
     float_onnx = os.path.join(workdir, f"{name}_float.onnx")
     images = torch.randn(args.batch, 3, size, size, generator=generator)
     with torch.no_grad():
@@ -151,7 +162,9 @@ def bench_model(name: str, args: argparse.Namespace, workdir: str) -> dict[str, 
         t_int8.append(_time(int8, x))
     row = {
         "model": name,
-        "form": f"{args.form}/{args.gemm}",
+        "form": f"fast:{'+'.join(args.fast_parts)}/{args.gemm}"
+        if args.fast_parts
+        else f"{args.form}/{args.gemm}",
         "weights": args.weights,
         "batch": args.batch,
         "threads": args.threads,
@@ -208,6 +221,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--profile", action="store_true", help="also print time per op type")
     parser.add_argument(
         "--form", choices=["exact", "fast"], default="fast", help="export_onnx(exact=...)"
+    )
+    parser.add_argument(
+        "--fast-parts",
+        nargs="+",
+        choices=_FAST_PARTS,
+        help="export the exact form with only these parts fast (overrides --form)",
     )
     parser.add_argument("--gemm", choices=["u8s8", "u8u8"], default="u8s8", help="export_onnx gemm")
     parser.add_argument(

@@ -35,10 +35,11 @@ from typing import Optional
 import torch
 
 from fqvit_pl.analysis import quant_report, write_report
-from fqvit_pl.models import create_model, load_checkpoint, quant_state_keys, read_checkpoint
+from fqvit_pl.models import create_model
 from fqvit_pl.quant import calibrate
 
-DEMO = {"img_size": 32, "patch_size": 8, "embed_dim": 96, "depth": 4, "num_heads": 4}
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from demo_network import demo_model  # noqa: E402
 
 
 def parse(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -69,19 +70,10 @@ def parse(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 def _model(args: argparse.Namespace) -> torch.nn.Module:
     if args.model == "deit_tiny" and args.img_size in (None, 32):
-        model = create_model("deit_tiny", num_classes=10, model_kwargs=DEMO)
-    else:
-        model = create_model(
-            args.model, num_classes=10, model_kwargs={"img_size": args.img_size or 224}
-        )
+        return demo_model(args.ckpt)  # float weights: the benchmark times the calibration
     if args.ckpt:
-        state = read_checkpoint(args.ckpt)["state_dict"]
-        quant = quant_state_keys(model)
-        float_state = {
-            k[4:]: v for k, v in state.items() if k.startswith("net.") and k[4:] not in quant
-        }
-        load_checkpoint(model, float_state, source=args.ckpt)
-    return model
+        raise SystemExit("report_time.py: --ckpt is the demo's checkpoint, for the demo's network")
+    return create_model(args.model, num_classes=10, model_kwargs={"img_size": args.img_size or 224})
 
 
 def _data(args: argparse.Namespace, size: int) -> tuple[list, list]:
