@@ -17,7 +17,7 @@ from typing import Any, Mapping
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import Tensor, nn
 
 __all__ = [
@@ -114,7 +114,10 @@ def save_quantized(model: nn.Module, path: str | os.PathLike[str]) -> dict[str, 
         "package_version": __version__,
     }
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    save_file(tensors, os.fspath(path), metadata=metadata)
+    # written by a plain open(): safetensors' save_file creates the file readable by its owner
+    # only, and an artifact is made to be shared
+    with open(path, "wb") as f:
+        f.write(save(tensors, metadata=metadata))
     return metadata
 
 

@@ -723,6 +723,10 @@ class _Exporter:
         logits = self.g.op("Identity", [logits], "logits")
         self.g.nodes[-1].output[0] = "logits"
         h, w = m.img_size
+        # a point's constants are made before knowing which of them its operators read: keep the
+        # read ones (ONNX Runtime warns for every unread initializer when it loads the graph)
+        read = {name for node in self.g.nodes for name in node.input}
+        self.g.initializers = [t for t in self.g.initializers if t.name in read]
         graph = helper.make_graph(
             self.g.nodes,
             f"fqvit_{m.integer_config['model_name']}_int8",

@@ -56,6 +56,15 @@ def test_loaded_model_equals_the_saved_one_bit_for_bit(name, tmp_path, monkeypat
     assert loaded.pretrained_cfg["mean"] == model.pretrained_cfg["mean"]
 
 
+def test_the_file_gets_the_permissions_of_any_new_file(tmp_path):
+    """Shared like any file the user writes (the umask decides), not owner-only."""
+    path = tmp_path / "model.safetensors"
+    save_quantized(to_integer(calibrated("deit_tiny")), path)
+    plain = tmp_path / "plain"
+    plain.write_bytes(b"")
+    assert path.stat().st_mode == plain.stat().st_mode
+
+
 @torch.no_grad()
 def test_a_calibrated_simulated_model_is_converted_on_save(tmp_path):
     model = calibrated("deit_tiny", method="percentile", lis=False)

@@ -197,6 +197,8 @@ def test_exported_file_runs_without_custom_ops_and_carries_its_metadata(tmp_path
     proto = onnx.load(str(path))
     assert {op.domain for op in proto.opset_import} == {""}
     assert all(node.domain == "" for node in proto.graph.node)
+    read = {name for node in proto.graph.node for name in node.input}
+    assert {t.name for t in proto.graph.initializer} <= read  # none ONNX Runtime would warn about
     meta = {p.key: p.value for p in proto.metadata_props}
     assert '"family": "swin"' in meta["integer_config"] and "mean" in meta["data_config"]
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
