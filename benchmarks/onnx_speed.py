@@ -186,14 +186,15 @@ def bench_model(name: str, args: argparse.Namespace, workdir: str) -> dict[str, 
 
 def print_rows(rows: list[dict[str, Any]]) -> None:
     """The table of speeds and sizes, then the kernels and (with --profile) time per op type."""
+    width = max(10, *(len(r["form"]) for r in rows))
     print(
-        f"{'model':10s} {'form':10s} {'batch':>5s} {'thr':>3s} {'float ms':>9s} {'int8 ms':>8s} "
+        f"{'model':10s} {'form':{width}s} {'batch':>5s} {'thr':>3s} {'float ms':>9s} {'int8 ms':>8s} "
         f"{'int8/float speedup':>18s} {'float st MB':>11s} {'int8 st MB':>10s} {'ratio':>5s} "
         f"{'float onnx MB':>13s} {'int8 onnx MB':>12s}"
     )
     for r in rows:
         print(
-            f"{r['model']:10s} {r['form']:10s} {r['batch']:5d} {r['threads']:3d} {r['float_ms']:9.1f} "
+            f"{r['model']:10s} {r['form']:{width}s} {r['batch']:5d} {r['threads']:3d} {r['float_ms']:9.1f} "
             f"{r['int8_ms']:8.1f} {r['speedup']:17.2f}x {r['float_safetensors_mb']:11.2f} "
             f"{r['int8_safetensors_mb']:10.2f} "
             f"{r['int8_safetensors_mb'] / r['float_safetensors_mb']:5.2f} "
