@@ -419,3 +419,26 @@ def test_integer_layernorm_rounds_ties_to_even(float32_sum, monkeypatch):
     norm.bias = torch.from_numpy((rng.integers(-8, 9, channels) * 0.025).astype(np.float32))
     assert _ln_ties(norm, in_point, out_point, codes) > 50
     _ln_check(norm, in_point, out_point, codes, monkeypatch, float32_sum)
+
+
+def test_integer_layernorm_float64_sum_where_float32_would_round(monkeypatch):
+    """Why step 5 needs float64 outside the float32 bound: ``N = 31`` (``A = 2**-26``,
+    ``M = 32``) and ``B = 2.5 * 2**31`` (``beta / s_out = 2.5`` exactly, mean 0): the exact
+    ``(B +- 32) / 2**31`` rounds to 3 or 2 with the sign of ``x_q``, while float32's
+    ``B +- 32 = B`` would be the tie 2.5, rounded to 2 everywhere."""
+    channels = 64
+    codes = np.where(np.arange(channels) % 2, 122, 120)[None].repeat(2, 0).astype(np.uint8)
+    codes[1] = codes[1, ::-1]
+    gamma = torch.full((channels,), 2.0**-30)  # A = (s_min / std) gamma / s_out = 2**-26
+    norm, in_point, out_point = _ln_case(channels, (1,), gamma, "uint8", 2.0**-4)
+    norm.bias = torch.full((channels,), 2.5 * 2.0**-4)
+    assert not _Exporter._ln_sum_fits_float32(
+        norm, in_point.scale.repeat(channels), in_point.scale.min(), 121, out_point, 7
+    )
+    out = _ln_check(norm, in_point, out_point, codes, monkeypatch)
+    assert np.array_equal(out, np.where(codes > 121, 131 + 3, 131 + 2))
+    monkeypatch.setattr(_Exporter, "_ln_sum_fits_float32", staticmethod(lambda *a: True))
+    forced = _run(
+        lambda ex, names: ex.layer_norm(names[0], norm, in_point, out_point), {"codes": codes}
+    )
+    assert (forced == 131 + 2).all()
