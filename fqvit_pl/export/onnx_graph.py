@@ -345,16 +345,29 @@ class _Exporter:
                                  g.const(np.array(limit, f32))])  # fmt: skip
         signed_m = g.cast(g.cast(signed_m, T.INT32), T.FLOAT)
         offset = g.op("Sub", [bias, g.op("Mul", [g.op("Div", [mean, std]), weight])])
-        # B = round(offset / s_out * 2**N): the division by 2**-N is the same exact product
-        b = g.op("Round", [g.op("Div", [g.op("Div", [offset, out_scale]), inv_p])])
-        m_x = g.op("Mul", [signed_m, x_q])  # |M x_q| <= 255 * 255 * 16 < 2**24: exact
-        if self._ln_sum_fits_float32(norm, in_scale, s_min, zp, out_point, bits):
-            # step 5 in float32 (proof in _ln_sum_fits_float32): z = M x_q + B, then z * 2**-N
+        # O = offset / s_out; B = round(O * 2**N) = round(O / 2**-N) (the same exact product)
+        o_scaled = g.op("Div", [offset, out_scale])
+        m_x = g.op("Mul", [signed_m, x_q])  # |M x_q| <= 255 * 255 * 16 < 2**20: exact
+        form = self._ln_sum_form(norm, in_scale, s_min, zp, out_point, bits)
+        if form == "float32":
+            # step 5 in float32 (N <= 15, proof in _ln_sum_form): (M x_q + B) * 2**-N, rounded
+            # by QuantizeLinear below
+            b = g.op("Round", [g.op("Div", [o_scaled, inv_p])])
             y = g.op("Mul", [g.op("Add", [m_x, b]), inv_p])
+        elif form == "float32_split":
+            # step 5 in float32 (N <= 23, proof in _ln_sum_form): O = E + o with E even
+            o_clipped = g.op("Clip", [o_scaled, g.const(np.array(-(2.0**22), f32)),
+                                      g.const(np.array(2.0**22, f32))])  # fmt: skip
+            magic = g.const(np.array(1.5 * 2.0**24, f32))
+            even = g.op("Sub", [g.op("Add", [o_clipped, magic]), magic])
+            b = g.op("Round", [g.op("Div", [g.op("Sub", [o_clipped, even]), inv_p])])
+            y = g.op("Round", [g.op("Mul", [g.op("Add", [m_x, b]), inv_p])])
+            y = g.op("Add", [y, even])
         else:
             # step 5 in float64: |M x_q + B| < 2**53 exact (kernels.int_layernorm_codes), times
             # 2**-N exact, rounded half to even; the rounded codes back in float32 (integers,
             # exact below 2**24, and a larger |y| saturates the same way after rounding)
+            b = g.op("Round", [g.op("Div", [o_scaled, inv_p])])
             y = g.op("Add", [g.cast(m_x, T.DOUBLE), g.cast(b, T.DOUBLE)])
             y = g.cast(g.op("Round", [g.op("Mul", [y, g.cast(inv_p, T.DOUBLE)])]), T.FLOAT)
         # QuantizeLinear (scale 1) rounds half to even (the float32 path's step-5 rounding; exact
@@ -370,32 +383,44 @@ class _Exporter:
                                        g.const(np.array(zp_out, np.uint8))])  # fmt: skip
 
     @staticmethod
-    def _ln_sum_fits_float32(
+    def _ln_sum_form(
         norm: nn.Module, in_scale: Tensor, s_min: Tensor, zp: int, out_point: nn.Module, bits: int
-    ) -> bool:
-        """Whether step 5's ``round((M x_q + B) / 2**N)`` is exact in float32 for every input.
+    ) -> str:
+        """How step 5, ``round((M x_q + B) / 2**N)``, is exact for every input: ``"float32"``,
+        ``"float32_split"`` or ``"float64"``, from the largest ``N`` the layer can reach.
 
-        ``M x_q`` is exact (``|M x_q| < 2**20``) and so is ``B`` (a float32 integer). Their float32
-        sum is exact below 2**24; at or above it, ``|M x_q + B| / 2**N >= 2**(24 - N)`` and the
-        rounded sum is on the same side of ``+-2**24`` (a float32), so where ``N <= 15`` both the
-        exact and the float32 quotient are at least 2**9 in magnitude with the same sign: both
-        saturate the same way (``|y| >= 512`` puts ``y + zp`` outside 0..255). ``N <= 15`` means
-        ``|A| >= 2**(bits - 15)``. Channels with ``gamma = 0`` have ``M = 0`` and a sum ``B``
-        that is exact. For ``gamma != 0``, whatever the codes: ``std <= s_min * X * (1 + 2**-24)**4``
-        with ``X = max_c k_c * max(zp, 255 - zp) = max |x_q|`` (each of ``sum x_q**2``, ``C *``,
-        ``sqrt``, ``s_min / C *`` rounds up by at most one ulp; ``var <= C * sum x_q**2 <= C**2 X**2``),
-        so ``|A| >= |gamma| / (s_out X) * (1 - 2**-20)`` (three more roundings), or ``A`` is
-        ``+-inf`` (``std = 0``: ``N = 0``) or NaN (NaN on either path). The test uses a margin
-        of 2**-16 instead of 2**-20.
+        ``|M x_q| < 2**20`` (``M <= 255``, ``|x_q| <= 255 * 16``) and ``B`` (a float32 integer)
+        are exact; ``M = 0`` where ``gamma = 0``. The bound on ``N``: whatever the codes,
+        ``std <= s_min * X * (1 + 2**-24)**4`` with ``X = max_c k_c * max(zp, 255 - zp) = max |x_q|``
+        (``var <= C * sum x_q**2 <= C**2 X**2``; each of ``sum x_q**2``, ``C *``, ``sqrt`` and
+        ``s_min / C *`` rounds up by at most a relative 2**-24), so three more roundings give
+        ``|A| >= L = min_{gamma != 0} |gamma| / (max s_out * X) * (1 - 2**-16)`` (or ``A = +-inf``
+        where ``std = 0``: ``N = 0``; or NaN, which stays NaN on every path), and
+        ``N <= 7 - floor(log2 L)``.
+
+        - ``N <= 15``, ``"float32"``: ``M x_q + B`` is exact below 2**24; at or above it, the
+          rounded sum is on the same side of ``+-2**24`` (a float32), so exact and rounded
+          quotients are both at least ``2**(24 - N) >= 2**9`` in magnitude with the same sign:
+          both saturate (``|y| >= 512`` puts ``y + zp`` outside 0..255).
+        - ``N <= 23``, ``"float32_split"``: ``O = offset / s_out`` clipped to ``+-2**22`` (beyond,
+          ``|y| > 2**21`` saturates either way; NaN stays NaN), ``E`` its nearest even integer
+          (``O + 1.5 * 2**24`` rounds to a multiple of 2, the subtraction is exact) and
+          ``o = O - E`` in ``[-1, 1]`` (exact). ``E 2**N`` is an even integer, so
+          ``B = E 2**N + round(o 2**N)`` and ``round((M x_q + B) / 2**N) = E + round(z / 2**N)``
+          (an even shift keeps half-to-even ties) with ``z = M x_q + round(o 2**N)``,
+          ``|z| < 2**20 + 2**23``: exact, and so are ``z * 2**-N``, its rounding and ``+ E``.
+        - else ``"float64"``: ``|M x_q + B| < 2**53``.
         """
         k = torch.round(in_scale.double() / float(s_min))
         x_max = float((k * max(zp, 255 - zp)).max())
         gamma = norm.weight.detach().double().abs()
         gamma = gamma[gamma > 0]
         if gamma.numel() == 0:
-            return True
+            return "float32"
         s_out = float(out_point.scale.detach().double().reshape(-1).max())
-        return float(gamma.min()) / (s_out * x_max) * (1 - 2.0**-16) >= 2.0 ** (bits - 15)
+        lower = float(gamma.min()) / (s_out * x_max) * (1 - 2.0**-16)
+        n_max = min(max(bits - (math.frexp(lower)[1] - 1), 0), 31)  # floor(log2 L) by frexp
+        return "float32" if n_max <= 15 else "float32_split" if n_max <= 23 else "float64"
 
     def _ptf_power(self, a: str, bits: int) -> str:
         """``2 ** -clamp(bits - floor(log2 |a|), 0, 31)`` (= ``1 / 2**N``) for float32 ``a``, exact.

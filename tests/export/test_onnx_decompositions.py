@@ -307,12 +307,12 @@ def _ln_case(channels: int, factors, gamma, out_type: str, out_scale: float, zp_
     return norm, in_point, out_point
 
 
-def _ln_check(norm, in_point, out_point, codes: np.ndarray, monkeypatch, float32_sum=None):
-    """The exported LayerNorm (step 5 in float32 / float64 as the exporter decides, or as forced by
-    ``float32_sum``) against the integer model's kernel on ``codes``."""
+def _ln_check(norm, in_point, out_point, codes: np.ndarray, monkeypatch, form=None):
+    """The exported LayerNorm (step 5's form as the exporter decides, or ``form``) against the
+    integer model's kernel on ``codes``."""
     monkeypatch.setattr(torch, "sqrt", _ieee_sqrt)
-    if float32_sum is not None:
-        monkeypatch.setattr(_Exporter, "_ln_sum_fits_float32", staticmethod(lambda *a: float32_sum))
+    if form is not None:
+        monkeypatch.setattr(_Exporter, "_ln_sum_form", staticmethod(lambda *a: form))
     out = _run(
         lambda ex, names: ex.layer_norm(names[0], norm, in_point, out_point), {"codes": codes}
     )
@@ -349,33 +349,36 @@ def test_integer_layernorm_every_multiplier_exponent(factors, out_type, monkeypa
     assert out.min() == 0 and out.max() == out_point.bit_type.upper  # both saturations reached
 
 
+def _bounded_gamma(channels: int, out_scale: float, x_max: float, n_max: int) -> torch.Tensor:
+    """Gains of both signs (and zeros) with ``|gamma| / (s_out max|x_q|)`` from exactly the bound
+    ``2**(7 - n_max) (1 + 2**-15)`` (``N <= n_max`` whatever the codes) up to 2**9 times it."""
+    g = torch.Generator().manual_seed(channels + n_max)
+    edge = out_scale * x_max * 2.0 ** (7 - n_max) * (1 + 2.0**-15)
+    gamma = edge * 2.0 ** (torch.rand(channels, generator=g) * 9)
+    gamma[torch.arange(channels) % 3 == 1] *= -1
+    gamma[5] = 0.0
+    gamma[7] = edge
+    return gamma
+
+
+@pytest.mark.parametrize("n_max, form", [(15, "float32"), (23, "float32_split"), (24, "float64")])
 @pytest.mark.parametrize("channels", [96, 768, 1024])
 @pytest.mark.parametrize("factors", [(1,), (1, 2, 4, 8)])
-def test_integer_layernorm_float32_sum_where_provably_exact(channels, factors, monkeypatch):
-    """Gains whose ``|A|`` is provably at least 2**-8 (``N <= 15``) take step 5 in float32; right at
-    that bound (the smallest gain makes ``|gamma| / (s_out max|x_q|)`` = 2**-8 (1 + 2**-15)), with
-    zero and negative gains, codes at 0 / 255 (the largest std), constant and random tokens; the
-    same codes through the float64 sum agree too."""
-    g = torch.Generator().manual_seed(channels)
-    gamma = (torch.rand(channels, generator=g) * 3 + 1) * torch.where(
-        torch.arange(channels) % 3 == 1, -1.0, 1.0
-    )
-    gamma[5] = 0.0
-    out_scale = 0.05
-    x_max = max(factors) * 134  # max(zp, 255 - zp) with zp = 121
-    gamma[7] = out_scale * x_max * 2.0**-8 * (1 + 2.0**-15)  # the bound, reached
+def test_integer_layernorm_sum_form_at_its_bound(n_max, form, channels, factors, monkeypatch):
+    """Gains right at each form's bound on ``N`` (the smallest gain reaches it) choose that form;
+    on codes at 0 / 255 (the largest std), constant tokens (``std = 0``: ``A = +-inf``, and
+    ``B`` infinite or NaN), random tokens, it equals the kernel, and so does the float64 form."""
+    out_scale, x_max = 0.05, max(factors) * 134  # max(zp, 255 - zp) with zp = 121
+    gamma = _bounded_gamma(channels, out_scale, x_max, n_max)
     norm, in_point, out_point = _ln_case(channels, factors, gamma, "uint8", out_scale)
-    assert _Exporter._ln_sum_fits_float32(
-        norm, in_point.scale.repeat(channels // in_point.scale.numel()), in_point.scale.min(),
-        121, out_point, 7,
-    )  # fmt: skip
+    scales = in_point.scale.repeat(channels // in_point.scale.numel())
+    assert _Exporter._ln_sum_form(norm, scales, scales.min(), 121, out_point, 7) == form
     codes = _ln_codes(40, channels, 121, seed=channels)
-    codes[4] = 121  # a constant token: std = 0, A = +-inf (N = 0), B = -+inf or NaN (mean 0)
+    codes[4] = 121  # constant tokens: mean 0 (B NaN) and mean > 0 (B infinite)
     codes[5] = 200
-    codes[6] = np.where(np.arange(channels) % 2, 255, 0)  # all channels at +-max|x_q| ...
-    codes[6, 0] = 0
+    codes[6] = np.where(np.arange(channels) % 2, 255, 0)
     out = _ln_check(norm, in_point, out_point, codes, monkeypatch)
-    assert np.array_equal(out, _ln_check(norm, in_point, out_point, codes, monkeypatch, False))
+    assert np.array_equal(out, _ln_check(norm, in_point, out_point, codes, monkeypatch, "float64"))
 
 
 def _ln_ties(norm, in_point, out_point, codes: np.ndarray) -> int:
@@ -405,8 +408,8 @@ def _ln_ties(norm, in_point, out_point, codes: np.ndarray) -> int:
     return ties
 
 
-@pytest.mark.parametrize("float32_sum", [True, False])
-def test_integer_layernorm_rounds_ties_to_even(float32_sum, monkeypatch):
+@pytest.mark.parametrize("form", ["float32", "float32_split", "float64"])
+def test_integer_layernorm_rounds_ties_to_even(form, monkeypatch):
     """Tokens of std about one code step and gains making ``|A|`` about 2**6: ``N`` is 1 or 2,
     so many sums ``M x_q + B`` are exact ties, which step 5 rounds half to even (in the float32
     sum that is QuantizeLinear's rounding): rounding them up or away from zero would differ."""
@@ -418,7 +421,7 @@ def test_integer_layernorm_rounds_ties_to_even(float32_sum, monkeypatch):
     norm, in_point, out_point = _ln_case(channels, (1, 2), gamma, "uint8", 0.05)
     norm.bias = torch.from_numpy((rng.integers(-8, 9, channels) * 0.025).astype(np.float32))
     assert _ln_ties(norm, in_point, out_point, codes) > 50
-    _ln_check(norm, in_point, out_point, codes, monkeypatch, float32_sum)
+    _ln_check(norm, in_point, out_point, codes, monkeypatch, form)
 
 
 def test_integer_layernorm_float64_sum_where_float32_would_round(monkeypatch):
@@ -432,13 +435,28 @@ def test_integer_layernorm_float64_sum_where_float32_would_round(monkeypatch):
     gamma = torch.full((channels,), 2.0**-30)  # A = (s_min / std) gamma / s_out = 2**-26
     norm, in_point, out_point = _ln_case(channels, (1,), gamma, "uint8", 2.0**-4)
     norm.bias = torch.full((channels,), 2.5 * 2.0**-4)
-    assert not _Exporter._ln_sum_fits_float32(
-        norm, in_point.scale.repeat(channels), in_point.scale.min(), 121, out_point, 7
-    )
+    scales = in_point.scale.repeat(channels)
+    assert _Exporter._ln_sum_form(norm, scales, scales.min(), 121, out_point, 7) == "float64"
     out = _ln_check(norm, in_point, out_point, codes, monkeypatch)
     assert np.array_equal(out, np.where(codes > 121, 131 + 3, 131 + 2))
-    monkeypatch.setattr(_Exporter, "_ln_sum_fits_float32", staticmethod(lambda *a: True))
-    forced = _run(
-        lambda ex, names: ex.layer_norm(names[0], norm, in_point, out_point), {"codes": codes}
+    for form in ("float32", "float32_split"):  # both valid only up to N = 23: here N = 31
+        monkeypatch.setattr(_Exporter, "_ln_sum_form", staticmethod(lambda *a, f=form: f))
+        forced = _run(
+            lambda ex, names: ex.layer_norm(names[0], norm, in_point, out_point), {"codes": codes}
+        )
+        assert (forced == 131 + 2).all()
+
+
+@pytest.mark.parametrize("form", ["float32", "float32_split", "float64"])
+def test_integer_layernorm_saturates_huge_offsets(form, monkeypatch):
+    """Biases whose ``O = offset / s_out`` is finite beyond 2**22 or overflows to ``+-inf`` (so
+    ``B`` is infinite) saturate to 0 or 255 with their sign, on every form of step 5."""
+    channels = 48
+    gamma = torch.linspace(0.5, 2.0, channels)
+    norm, in_point, out_point = _ln_case(channels, (1, 2), gamma, "uint8", 0.05)
+    huge = torch.tensor([3e38, -3e38, 1e6, -1e6, 2.0**22 * 0.05, -(2.0**22) * 0.05])
+    norm.bias = huge.repeat(channels // huge.numel())
+    out = _ln_check(
+        norm, in_point, out_point, _ln_codes(16, channels, 121, seed=1), monkeypatch, form
     )
-    assert (forced == 131 + 2).all()
+    assert (out[:, 0::2] == 255).all() and (out[:, 1::2] == 0).all()
