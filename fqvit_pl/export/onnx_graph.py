@@ -19,8 +19,11 @@ Two forms. ``exact=True`` (default) computes the integer model's arithmetic oper
   ``2**(15 - r)`` for ``attn @ V`` in float32 (exact, ``2**-15 s_v`` folded into its scale).
 - PTF LayerNorm (§7): ``x_q`` in float32 (integers below 2**12), the row sum and the sum of squares
   exact (float32 below 2**24, else float64), the per-token multiplier and offset by the contract's
-  float32 formula (``2**N`` by Veltkamp's split, no ``Log``/``Pow``), ``round((M x_q + B) / 2**N)``
-  exact in float64, and ``QuantizeLinear`` (scale 1) for the zero point and the clamp.
+  float32 formula (``2**-N`` as Rump's unit in the first place of ``|A|``: three float32
+  operations, no ``Log``/``Pow``), and ``round((M x_q + B) / 2**N)`` in float32 where a bound on
+  ``N`` from the gains and scales proves it exact (``N <= 15``; ``N <= 23`` with ``B`` split at
+  an even integer), else in float64; ``QuantizeLinear`` (scale 1) rounds, adds the zero point and
+  clamps.
 - GELU, the residual additions, the Swin pooling and the logits in float, as in the integer model.
 
 ``exact=False`` is the fast form: QDQ patterns ONNX Runtime fuses (``QGemm`` with the int32 bias,
