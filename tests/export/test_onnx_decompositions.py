@@ -408,17 +408,19 @@ def _ln_ties(norm, in_point, out_point, codes: np.ndarray) -> int:
     return ties
 
 
+@pytest.mark.parametrize("out_type", ["uint8", "uint6"])
 @pytest.mark.parametrize("form", ["float32", "float32_split", "float64"])
-def test_integer_layernorm_rounds_ties_to_even(form, monkeypatch):
-    """Tokens of std about one code step and gains making ``|A|`` about 2**6: ``N`` is 1 or 2,
-    so many sums ``M x_q + B`` are exact ties, which step 5 rounds half to even (in the float32
-    sum that is QuantizeLinear's rounding): rounding them up or away from zero would differ."""
+def test_integer_layernorm_rounds_ties_to_even(form, out_type, monkeypatch):
+    """Tokens of std about one code step and gains making ``|A|`` a few units (``N`` about 5):
+    one sum ``M x_q + B`` in a few dozen is an exact tie (more than 50 here, counted in Python
+    integers), which step 5 rounds half to even on every form (on the float32 forms that is
+    QuantizeLinear's rounding): rounding them up or away from zero would differ."""
     channels = 64
     rng = np.random.default_rng(0)
     codes = (121 + rng.integers(-1, 2, (48, channels))).astype(np.uint8)
     gamma = torch.from_numpy(rng.uniform(0.2, 0.4, channels).astype(np.float32))
     gamma[::2] *= -1
-    norm, in_point, out_point = _ln_case(channels, (1, 2), gamma, "uint8", 0.05)
+    norm, in_point, out_point = _ln_case(channels, (1, 2), gamma, out_type, 0.05)
     norm.bias = torch.from_numpy((rng.integers(-8, 9, channels) * 0.025).astype(np.float32))
     assert _ln_ties(norm, in_point, out_point, codes) > 50
     _ln_check(norm, in_point, out_point, codes, monkeypatch, form)
