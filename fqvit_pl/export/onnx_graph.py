@@ -430,13 +430,14 @@ class _Exporter:
 
         ``|a|`` clamped to ``[2**(bits-31), 2**(bits+1))`` (the largest float32 below
         ``2**(bits+1)``) leaves the clamped exponent unchanged (zero and subnormals to ``N = 31``,
-        infinity to ``N = 0``). Of that ``x``, Rump's unit in the first place, ``2**floor(log2 x)``,
-        is ``q - (1 - 2**-24) q`` with ``q = (2**23 + 1) x`` (Rump, "Ultimately fast accurate
-        summation", SIAM J. Sci. Comput. 31(5), 2009, Algorithm 3.5, float32's ``eps = 2**-23``);
-        ``2**23 + 1`` is scaled by ``2**-bits`` (exact, no underflow for ``x >= 2**-24``), which
-        scales every rounded result by the same power of two. Three float32 operations; checked in NumPy on every float32 of the
-        clamped range (2**28 values, equal), and in ONNX Runtime on three whole binades and the
-        edges (tests/export/test_onnx_decompositions.py).
+        infinity to ``N = 0``). Of that ``x``, the unit in the first place ``2**floor(log2 x)`` is
+        ``q - (1 - 2**-24) q`` with ``q = (2**23 + 1) x`` (S. M. Rump's ufp formula for a binary
+        format with ``eps = 2**-23``: the two products round ``x``'s trailing bits the same way
+        and leave only its leading one); ``2**23 + 1`` is scaled by ``2**-bits`` (exact, no
+        underflow for ``x >= 2**-24``), which scales every rounded result by the same power of
+        two. Three float32 operations; checked in NumPy on every float32 of the clamped range
+        (2**28 values, all equal) and in ONNX Runtime on three whole binades and the edges
+        (tests/export/test_onnx_decompositions.py).
         """
         g, f32 = self.g, np.float32
         top = np.nextafter(f32(2.0 ** (bits + 1)), f32(0))
