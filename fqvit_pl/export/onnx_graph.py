@@ -19,8 +19,11 @@ Two forms. ``exact=True`` (default) computes the integer model's arithmetic oper
   ``2**(15 - r)`` for ``attn @ V`` in float32 (exact, ``2**-15 s_v`` folded into its scale).
 - PTF LayerNorm (§7): ``x_q`` in float32 (integers below 2**12), the row sum and the sum of squares
   exact (float32 below 2**24, else float64), the per-token multiplier and offset by the contract's
-  float32 formula (``2**N`` by Veltkamp's split, no ``Log``/``Pow``), ``round((M x_q + B) / 2**N)``
-  exact in float64, and ``QuantizeLinear`` (scale 1) for the zero point and the clamp.
+  float32 formula (``2**-N`` as Rump's unit in the first place of ``|A|``: three float32
+  operations, no ``Log``/``Pow``), and ``round((M x_q + B) / 2**N)`` in float32 where a bound on
+  ``N`` from the gains and scales proves it exact (``N <= 15``; ``N <= 23`` with ``B`` split at
+  an even integer), else in float64; ``QuantizeLinear`` (scale 1) rounds, adds the zero point and
+  clamps.
 - GELU, the residual additions, the Swin pooling and the logits in float, as in the integer model.
 
 ``exact=False`` is the fast form: QDQ patterns ONNX Runtime fuses (``QGemm`` with the int32 bias,
@@ -337,45 +340,111 @@ class _Exporter:
         out_scale = g.const(out_point.scale.detach().to(torch.float32))
         a = g.op("Div", [g.op("Mul", [g.op("Div", [g.const(s_min), std]), weight]), out_scale])
         bits = 7  # the multiplier's precision (kernels.int_layernorm_codes)
-        p, inv_p = self._ptf_power(a, bits)
-        # sign(a) * clamp(floor(|a| p), 0, 255) = trunc(clamp(a p, -255, 255)); Cast truncates
+        inv_p = self._ptf_power(a, bits)  # 2**-N
+        # sign(a) * clamp(floor(|a| p), 0, 255) = trunc(clamp(a p, -255, 255)); Cast truncates.
+        # a / 2**-N = a * 2**N exactly (a power of two; the clamp makes an overflow harmless)
         limit = float(2 ** (bits + 1) - 1)
-        signed_m = g.op("Clip", [g.op("Mul", [a, p]), g.const(np.array(-limit, f32)),
+        signed_m = g.op("Clip", [g.op("Div", [a, inv_p]), g.const(np.array(-limit, f32)),
                                  g.const(np.array(limit, f32))])  # fmt: skip
         signed_m = g.cast(g.cast(signed_m, T.INT32), T.FLOAT)
         offset = g.op("Sub", [bias, g.op("Mul", [g.op("Div", [mean, std]), weight])])
-        b = g.op("Round", [g.op("Mul", [g.op("Div", [offset, out_scale]), p])])
-        # step 5: |M x_q| <= 255 * 255 * max(k) < 2**24 is exact in float32; the sum with B in
-        # float64 (|M x_q + B| < 2**53, kernels.int_layernorm_codes), divided by the power of two
-        y = g.op("Add", [g.cast(g.op("Mul", [signed_m, x_q]), T.DOUBLE), g.cast(b, T.DOUBLE)])
-        y = g.cast(g.op("Round", [g.op("Mul", [y, g.cast(inv_p, T.DOUBLE)])]), T.FLOAT)
+        # O = offset / s_out; B = round(O * 2**N) = round(O / 2**-N) (the same exact product)
+        o_scaled = g.op("Div", [offset, out_scale])
+        m_x = g.op("Mul", [signed_m, x_q])  # |M x_q| <= 255 * 255 * 16 < 2**20: exact
+        form = self._ln_sum_form(norm, in_scale, s_min, zp, out_point, bits)
+        if form == "float32":
+            # step 5 in float32 (N <= 15, proof in _ln_sum_form): (M x_q + B) * 2**-N, rounded
+            # by QuantizeLinear below
+            b = g.op("Round", [g.op("Div", [o_scaled, inv_p])])
+            y = g.op("Mul", [g.op("Add", [m_x, b]), inv_p])
+        elif form == "float32_split":
+            # step 5 in float32 (N <= 23, proof in _ln_sum_form): O = E + o with E even
+            o_clipped = g.op("Clip", [o_scaled, g.const(np.array(-(2.0**22), f32)),
+                                      g.const(np.array(2.0**22, f32))])  # fmt: skip
+            magic = g.const(np.array(1.5 * 2.0**24, f32))
+            even = g.op("Sub", [g.op("Add", [o_clipped, magic]), magic])
+            b = g.op("Round", [g.op("Div", [g.op("Sub", [o_clipped, even]), inv_p])])
+            y = g.op("Round", [g.op("Mul", [g.op("Add", [m_x, b]), inv_p])])
+            y = g.op("Add", [y, even])
+        else:
+            # step 5 in float64: |M x_q + B| < 2**53 exact (kernels.int_layernorm_codes), times
+            # 2**-N exact, rounded half to even; the rounded codes back in float32 (integers,
+            # exact below 2**24, and a larger |y| saturates the same way after rounding)
+            b = g.op("Round", [g.op("Div", [o_scaled, inv_p])])
+            y = g.op("Add", [g.cast(m_x, T.DOUBLE), g.cast(b, T.DOUBLE)])
+            y = g.cast(g.op("Round", [g.op("Mul", [y, g.cast(inv_p, T.DOUBLE)])]), T.FLOAT)
+        # QuantizeLinear (scale 1) rounds half to even (the float32 path's step-5 rounding; exact
+        # on the float64 path's integers), adds the zero point and saturates to 0..255; a
+        # narrower grid clamps y to its codes first: round(clip(y, lo - zp, hi - zp)) =
+        # clip(round(y), lo - zp, hi - zp) for integer bounds, so the order does not matter
         bt = out_point.bit_type
         zp_out = int(out_point.zero_point.reshape(-1)[0])
-        if bt.bits == 8:  # round (exact on integers) + zero point, saturated to 0..255
-            return g.op("QuantizeLinear", [y, g.const(np.array(1.0, f32)),
-                                           g.const(np.array(zp_out, np.uint8))])  # fmt: skip
-        y = g.op("Add", [y, g.const(np.array(zp_out, f32))])
-        y = g.op("Clip", [y, g.const(np.array(bt.lower, f32)), g.const(np.array(bt.upper, f32))])
-        return g.cast(y, T.UINT8)
+        if bt.bits < 8:
+            y = g.op("Clip", [y, g.const(np.array(bt.lower - zp_out, f32)),
+                              g.const(np.array(bt.upper - zp_out, f32))])  # fmt: skip
+        return g.op("QuantizeLinear", [y, g.const(np.array(1.0, f32)),
+                                       g.const(np.array(zp_out, np.uint8))])  # fmt: skip
 
-    def _ptf_power(self, a: str, bits: int) -> tuple[str, str]:
-        """``2 ** clamp(bits - floor(log2 |a|), 0, 31)`` for float32 ``a`` and its inverse, exact, elementwise only.
+    @staticmethod
+    def _ln_sum_form(
+        norm: nn.Module, in_scale: Tensor, s_min: Tensor, zp: int, out_point: nn.Module, bits: int
+    ) -> str:
+        """How step 5, ``round((M x_q + B) / 2**N)``, is exact for every input: ``"float32"``,
+        ``"float32_split"`` or ``"float64"``, from the largest ``N`` the layer can reach.
 
-        ``|a|`` clamped to ``[2**(bits-31), 2**bits]`` leaves the clamped exponent unchanged. Its
-        nearest power of two ``h`` (ties up) is Veltkamp's split with ``sigma = 2**23 + 1`` (exact
-        in float32 for normal numbers); ``|a| / h`` lies in ``[0.75, 1.5)``, so
-        ``floor(|a| / h)`` is 1 where ``h <= |a|`` and 0 where ``h = 2 * 2**floor(log2 |a|)``:
-        ``2**floor(log2 |a|) = h * (1 + t) / 2``, and the power is ``2**(bits + 1) / (h (1 + t))``.
+        ``|M x_q| < 2**20`` (``M <= 255``, ``|x_q| <= 255 * 16``) and ``B`` (a float32 integer)
+        are exact; ``M = 0`` where ``gamma = 0``. The bound on ``N``: whatever the codes,
+        ``std <= s_min * X * (1 + 2**-24)**4`` with ``X = max_c k_c * max(zp, 255 - zp) = max |x_q|``
+        (``var <= C * sum x_q**2 <= C**2 X**2``; each of ``sum x_q**2``, ``C *``, ``sqrt`` and
+        ``s_min / C *`` rounds up by at most a relative 2**-24), so three more roundings give
+        ``|A| >= L = min_{gamma != 0} |gamma| / (max s_out * X) * (1 - 2**-16)`` (or ``A = +-inf``
+        where ``std = 0``: ``N = 0``; or NaN, which stays NaN on every path), and
+        ``N <= 7 - floor(log2 L)``.
+
+        - ``N <= 15``, ``"float32"``: ``M x_q + B`` is exact below 2**24; at or above it, the
+          rounded sum is on the same side of ``+-2**24`` (a float32), so exact and rounded
+          quotients are both at least ``2**(24 - N) >= 2**9`` in magnitude with the same sign:
+          both saturate (``|y| >= 512`` puts ``y + zp`` outside 0..255).
+        - ``N <= 23``, ``"float32_split"``: ``O = offset / s_out`` clipped to ``+-2**22`` (beyond,
+          ``|y| > 2**21`` saturates either way; NaN stays NaN), ``E`` its nearest even integer
+          (``O + 1.5 * 2**24`` rounds to a multiple of 2, the subtraction is exact) and
+          ``o = O - E`` in ``[-1, 1]`` (exact). ``E 2**N`` is an even integer, so
+          ``B = E 2**N + round(o 2**N)`` and ``round((M x_q + B) / 2**N) = E + round(z / 2**N)``
+          (an even shift keeps half-to-even ties) with ``z = M x_q + round(o 2**N)``,
+          ``|z| < 2**20 + 2**23``: exact, and so are ``z * 2**-N``, its rounding and ``+ E``.
+        - else ``"float64"``: ``|M x_q + B| < 2**53``.
+        """
+        k = torch.round(in_scale.double() / float(s_min))
+        x_max = float((k * max(zp, 255 - zp)).max())
+        gamma = norm.weight.detach().double().abs()
+        gamma = gamma[gamma > 0]
+        if gamma.numel() == 0:
+            return "float32"
+        s_out = float(out_point.scale.detach().double().reshape(-1).max())
+        lower = float(gamma.min()) / (s_out * x_max) * (1 - 2.0**-16)
+        n_max = min(max(bits - (math.frexp(lower)[1] - 1), 0), 31)  # floor(log2 L) by frexp
+        return "float32" if n_max <= 15 else "float32_split" if n_max <= 23 else "float64"
+
+    def _ptf_power(self, a: str, bits: int) -> str:
+        """``2 ** -clamp(bits - floor(log2 |a|), 0, 31)`` (= ``1 / 2**N``) for float32 ``a``, exact.
+
+        ``|a|`` clamped to ``[2**(bits-31), 2**(bits+1))`` (the largest float32 below
+        ``2**(bits+1)``) leaves the clamped exponent unchanged (zero and subnormals to ``N = 31``,
+        infinity to ``N = 0``). Of that ``x``, the unit in the first place ``2**floor(log2 x)`` is
+        ``q - (1 - 2**-24) q`` with ``q = (2**23 + 1) x`` (S. M. Rump's ufp formula for a binary
+        format with ``eps = 2**-23``: the two products round ``x``'s trailing bits the same way
+        and leave only its leading one); ``2**23 + 1`` is scaled by ``2**-bits`` (exact, no
+        underflow for ``x >= 2**-24``), which scales every rounded result by the same power of
+        two. Three float32 operations; checked in NumPy on every float32 of the clamped range
+        (2**28 values, all equal) and in ONNX Runtime on three whole binades and the edges
+        (tests/export/test_onnx_decompositions.py).
         """
         g, f32 = self.g, np.float32
-        magnitude = g.op("Clip", [g.op("Abs", [a]), g.const(np.array(2.0 ** (bits - 31), f32)),
-                                  g.const(np.array(2.0**bits, f32))])  # fmt: skip
-        c = g.op("Mul", [magnitude, g.const(np.array(2.0**23 + 1, f32))])
-        nearest = g.op("Sub", [c, g.op("Sub", [c, magnitude])])
-        t = g.op("Floor", [g.op("Div", [magnitude, nearest])])
-        floor_power = g.op("Mul", [nearest, g.op("Add", [t, g.const(np.array(1.0, f32))])])
-        power = g.op("Div", [g.const(np.array(2.0 ** (bits + 1), f32)), floor_power])
-        return power, g.op("Mul", [floor_power, g.const(np.array(2.0 ** -(bits + 1), f32))])
+        top = np.nextafter(f32(2.0 ** (bits + 1)), f32(0))
+        x = g.op("Clip", [g.op("Abs", [a]), g.const(np.array(2.0 ** (bits - 31), f32)),
+                          g.const(np.array(top, f32))])  # fmt: skip
+        q = g.op("Mul", [x, g.const(np.array((2.0**23 + 1) * 2.0**-bits, f32))])
+        return g.op("Sub", [q, g.op("Mul", [q, g.const(np.array(1 - 2.0**-24, f32))])])
 
     def gelu(self, x: str) -> str:
         """Exact (erf) GELU in the pattern ONNX Runtime fuses into one ``Gelu`` kernel (the exported

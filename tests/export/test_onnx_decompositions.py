@@ -64,31 +64,41 @@ def _point(scale, zero_point: int, bit_type: str = "uint8") -> IntPoint:
 
 
 def test_ptf_power_is_two_to_the_clamped_exponent():
-    """``2**clamp(7 - floor(log2 |a|), 0, 31)`` for powers of two, their float32 neighbours, ties
-    of the nearest-power rounding (1.5 * 2**k), zero, infinity and random magnitudes, against
-    ``math.frexp``."""
+    """``2**-clamp(7 - floor(log2 |a|), 0, 31)`` for powers of two, their float32 neighbours,
+    1.5 * 2**k and its neighbours, the clamp's edges (2**-24, 256), zero, subnormals, infinity and
+    random magnitudes, both signs, against ``math.frexp``."""
     k = np.arange(-45, 30, dtype=np.float64)
     powers = (2.0**k).astype(np.float32)
     values = np.concatenate([
         powers, np.nextafter(powers, np.float32(0)), np.nextafter(powers, np.float32(np.inf)),
         (1.5 * 2.0**k).astype(np.float32), np.nextafter((1.5 * 2.0**k).astype(np.float32), 0),
         np.float32(10.0) ** np.random.default_rng(0).uniform(-12, 6, 4000).astype(np.float32),
-        np.array([0.0, np.inf, 1e-45], np.float32),
+        np.array([0.0, np.inf, 1e-45, 1e-40, 3e38, 255.99998], np.float32),
     ])  # fmt: skip
     values = np.concatenate([values, -values]).astype(np.float32)
-    out = _run(lambda ex, names: ex._ptf_power(names[0], 7)[0], {"a": values})
-    inverse = _run(lambda ex, names: ex._ptf_power(names[0], 7)[1], {"a": values})
-    assert np.array_equal(inverse, (1 / out.astype(np.float64)).astype(np.float32))
+    out = _run(lambda ex, names: ex._ptf_power(names[0], 7), {"a": values})
 
     def expected(a: float) -> float:
         if a == 0:
-            return 2.0**31
+            return 2.0**-31
         if math.isinf(a):
             return 1.0
         exponent = math.frexp(abs(a))[1] - 1  # floor(log2 |a|), exact
-        return 2.0 ** min(max(7 - exponent, 0), 31)
+        return 2.0 ** -min(max(7 - exponent, 0), 31)
 
     assert out.tolist() == [expected(float(a)) for a in values]
+
+
+def test_ptf_power_of_every_float32_mantissa():
+    """Every float32 of the binades ``[2**-24, 2**-23)``, ``[1, 2)`` and ``[128, 256)`` (the
+    unit-in-the-first-place formula works mantissa by mantissa; the binades are its extremes)."""
+    mantissas = np.arange(2**23, dtype=np.uint32)
+    values = np.concatenate(
+        [((np.uint32(e + 127) << 23) | mantissas).view(np.float32) for e in (-24, 0, 7)]
+    )
+    out = _run(lambda ex, names: ex._ptf_power(names[0], 7), {"a": values})
+    expected = np.repeat(np.float32([2.0**-31, 2.0**-7, 1.0]), 2**23)
+    assert np.array_equal(out, expected)
 
 
 # -- Log-Int-Softmax -----------------------------------------------------------------------------
@@ -282,3 +292,173 @@ def test_log_int_softmax_rounds_a_tie_to_even(int64):
     out = _run(lambda ex, names: ex.log_int_softmax(names[0], attn, None, 4), {"scores": codes})
     # the max: y = round(2.5) = 2 -> r = 1; the others: S / e = 5 -> r = floor(log2 5) + 0 = 2
     assert (out * 2.0**-15).tolist() == [[0.5, 0.25, 0.25, 0.25]]
+
+
+def _ln_case(channels: int, factors, gamma, out_type: str, out_scale: float, zp_in: int = 121):
+    """A LayerNorm with PTF factors ``factors`` (cycled over the channels), gains ``gamma`` and
+    biases of a few output steps, its input and output points."""
+    g = torch.Generator().manual_seed(channels + len(factors))
+    k = torch.tensor(factors, dtype=torch.float32)[torch.arange(channels) % len(factors)]
+    in_point = _point(0.013 * k, zp_in)
+    zp_out = {"uint8": 131, "uint6": 30, "uint4": 0}[out_type]
+    out_point = _point(out_scale, zp_out, out_type)
+    bias = torch.randn(channels, generator=g) * 3 * out_scale
+    norm = SimpleNamespace(channels=channels, weight=gamma, bias=bias, integer=True, eps=1e-6)
+    return norm, in_point, out_point
+
+
+def _ln_check(norm, in_point, out_point, codes: np.ndarray, monkeypatch, form=None):
+    """The exported LayerNorm (step 5's form as the exporter decides, or ``form``) against the
+    integer model's kernel on ``codes``."""
+    monkeypatch.setattr(torch, "sqrt", _ieee_sqrt)
+    if form is not None:
+        monkeypatch.setattr(_Exporter, "_ln_sum_form", staticmethod(lambda *a: form))
+    out = _run(
+        lambda ex, names: ex.layer_norm(names[0], norm, in_point, out_point), {"codes": codes}
+    )
+    reference = kernels.int_layernorm_codes(
+        torch.from_numpy(codes), in_point.zero_point, in_point.scale, norm.weight, norm.bias,
+        out_point.scale, out_point.zero_point, out_point.bit_type,
+    )  # fmt: skip
+    np.testing.assert_array_equal(out, reference.numpy())
+    return out
+
+
+def _every_exponent_gamma(channels: int, seed: int) -> torch.Tensor:
+    """Gains of both signs whose ``|A|`` covers every binade from below 2**-24 (``N = 31``) to
+    above 2**8 (``N = 0``), plus exact zeros."""
+    g = torch.Generator().manual_seed(seed)
+    exponents = torch.linspace(-40, 14, channels)
+    gamma = 2.0 ** (exponents + torch.rand(channels, generator=g))
+    gamma[1::3] *= -1
+    gamma[::17] = 0.0
+    return gamma
+
+
+@pytest.mark.parametrize("factors", [(1,), (2,), (4,), (8,), (1, 2, 4, 8), (8, 1, 1, 2, 4)])
+@pytest.mark.parametrize("out_type", ["uint8", "uint4"])
+def test_integer_layernorm_every_multiplier_exponent(factors, out_type, monkeypatch):
+    """``N`` from 0 to 31 in one LayerNorm (gains spread over 54 binades, negative and zero), every
+    PTF factor and mixes, 8-bit and 4-bit outputs, on extreme and random codes: float64 step 5."""
+    channels = 216
+    norm, in_point, out_point = _ln_case(
+        channels, factors, _every_exponent_gamma(channels, len(factors)), out_type, 0.021
+    )
+    codes = _ln_codes(64, channels, 121, seed=len(factors))
+    out = _ln_check(norm, in_point, out_point, codes, monkeypatch)
+    assert out.min() == 0 and out.max() == out_point.bit_type.upper  # both saturations reached
+
+
+def _bounded_gamma(channels: int, out_scale: float, x_max: float, n_max: int) -> torch.Tensor:
+    """Gains of both signs (and zeros) with ``|gamma| / (s_out max|x_q|)`` from exactly the bound
+    ``2**(7 - n_max) (1 + 2**-15)`` (``N <= n_max`` whatever the codes) up to 2**9 times it."""
+    g = torch.Generator().manual_seed(channels + n_max)
+    edge = out_scale * x_max * 2.0 ** (7 - n_max) * (1 + 2.0**-15)
+    gamma = edge * 2.0 ** (torch.rand(channels, generator=g) * 9)
+    gamma[torch.arange(channels) % 3 == 1] *= -1
+    gamma[5] = 0.0
+    gamma[7] = edge
+    return gamma
+
+
+@pytest.mark.parametrize("n_max, form", [(15, "float32"), (23, "float32_split"), (24, "float64")])
+@pytest.mark.parametrize("channels", [96, 768, 1024])
+@pytest.mark.parametrize("factors", [(1,), (1, 2, 4, 8)])
+def test_integer_layernorm_sum_form_at_its_bound(n_max, form, channels, factors, monkeypatch):
+    """Gains right at each form's bound on ``N`` (the smallest gain reaches it) choose that form;
+    on codes at 0 / 255 (the largest std), constant tokens (``std = 0``: ``A = +-inf``, and
+    ``B`` infinite or NaN), random tokens, it equals the kernel, and so does the float64 form."""
+    out_scale, x_max = 0.05, max(factors) * 134  # max(zp, 255 - zp) with zp = 121
+    gamma = _bounded_gamma(channels, out_scale, x_max, n_max)
+    norm, in_point, out_point = _ln_case(channels, factors, gamma, "uint8", out_scale)
+    scales = in_point.scale.repeat(channels // in_point.scale.numel())
+    assert _Exporter._ln_sum_form(norm, scales, scales.min(), 121, out_point, 7) == form
+    codes = _ln_codes(40, channels, 121, seed=channels)
+    codes[4] = 121  # constant tokens: mean 0 (B NaN) and mean > 0 (B infinite)
+    codes[5] = 200
+    codes[6] = np.where(np.arange(channels) % 2, 255, 0)
+    out = _ln_check(norm, in_point, out_point, codes, monkeypatch)
+    assert np.array_equal(out, _ln_check(norm, in_point, out_point, codes, monkeypatch, "float64"))
+
+
+def _ln_ties(norm, in_point, out_point, codes: np.ndarray) -> int:
+    """How many outputs are exact ties ``(M x_q + B) / 2**N = j + 1/2``: §7 steps 1-5 in NumPy
+    float32 and Python integers (``N`` from ``math.frexp``), independent of the exporter."""
+    f32 = np.float32
+    scale = in_point.scale.numpy().astype(f32)
+    s_min = scale.min()
+    k = np.round(scale / s_min).astype(f32)
+    x_q = (codes.astype(f32) - f32(int(in_point.zero_point.reshape(-1)[0]))) * k
+    c = f32(codes.shape[-1])
+    total = x_q.astype(np.float64).sum(-1, keepdims=True).astype(f32)
+    squares = (x_q.astype(np.float64) ** 2).sum(-1, keepdims=True).astype(f32)
+    mean = (total / c) * s_min
+    std = (s_min / c) * np.sqrt(c * squares - total * total)
+    gamma, beta = norm.weight.numpy().astype(f32), norm.bias.numpy().astype(f32)
+    s_out = f32(float(out_point.scale))
+    a = ((s_min / std) * gamma) / s_out
+    offset = ((beta - (mean / std) * gamma) / s_out).astype(f32)
+    ties = 0
+    for a_e, o_e, x_e in zip(a.ravel(), offset.ravel(), x_q.ravel()):
+        n = min(max(7 - (math.frexp(abs(float(a_e)))[1] - 1), 0), 31)
+        m = int(math.copysign(min(math.floor(abs(float(a_e)) * 2**n), 255), float(a_e)))
+        b = int(np.round(f32(o_e) * f32(2.0**n)))  # float32 product (exact), half to even
+        z = m * int(x_e) + b
+        ties += n > 0 and z % 2**n == 2 ** (n - 1)
+    return ties
+
+
+@pytest.mark.parametrize("out_type", ["uint8", "uint6"])
+@pytest.mark.parametrize("form", ["float32", "float32_split", "float64"])
+def test_integer_layernorm_rounds_ties_to_even(form, out_type, monkeypatch):
+    """Tokens of std about one code step and gains making ``|A|`` a few units (``N`` about 5):
+    one sum ``M x_q + B`` in a few dozen is an exact tie (more than 50 here, counted in Python
+    integers), which step 5 rounds half to even on every form (on the float32 forms that is
+    QuantizeLinear's rounding): rounding them up or away from zero would differ."""
+    channels = 64
+    rng = np.random.default_rng(0)
+    codes = (121 + rng.integers(-1, 2, (48, channels))).astype(np.uint8)
+    gamma = torch.from_numpy(rng.uniform(0.2, 0.4, channels).astype(np.float32))
+    gamma[::2] *= -1
+    norm, in_point, out_point = _ln_case(channels, (1, 2), gamma, out_type, 0.05)
+    norm.bias = torch.from_numpy((rng.integers(-8, 9, channels) * 0.025).astype(np.float32))
+    assert _ln_ties(norm, in_point, out_point, codes) > 50
+    _ln_check(norm, in_point, out_point, codes, monkeypatch, form)
+
+
+def test_integer_layernorm_float64_sum_where_float32_would_round(monkeypatch):
+    """Why step 5 needs float64 outside the float32 bound: ``N = 31`` (``A = 2**-26``,
+    ``M = 32``) and ``B = 2.5 * 2**31`` (``beta / s_out = 2.5`` exactly, mean 0): the exact
+    ``(B +- 32) / 2**31`` rounds to 3 or 2 with the sign of ``x_q``, while float32's
+    ``B +- 32 = B`` would be the tie 2.5, rounded to 2 everywhere."""
+    channels = 64
+    codes = np.where(np.arange(channels) % 2, 122, 120)[None].repeat(2, 0).astype(np.uint8)
+    codes[1] = codes[1, ::-1]
+    gamma = torch.full((channels,), 2.0**-30)  # A = (s_min / std) gamma / s_out = 2**-26
+    norm, in_point, out_point = _ln_case(channels, (1,), gamma, "uint8", 2.0**-4)
+    norm.bias = torch.full((channels,), 2.5 * 2.0**-4)
+    scales = in_point.scale.repeat(channels)
+    assert _Exporter._ln_sum_form(norm, scales, scales.min(), 121, out_point, 7) == "float64"
+    out = _ln_check(norm, in_point, out_point, codes, monkeypatch)
+    assert np.array_equal(out, np.where(codes > 121, 131 + 3, 131 + 2))
+    for form in ("float32", "float32_split"):  # both valid only up to N = 23: here N = 31
+        monkeypatch.setattr(_Exporter, "_ln_sum_form", staticmethod(lambda *a, f=form: f))
+        forced = _run(
+            lambda ex, names: ex.layer_norm(names[0], norm, in_point, out_point), {"codes": codes}
+        )
+        assert (forced == 131 + 2).all()
+
+
+@pytest.mark.parametrize("form", ["float32", "float32_split", "float64"])
+def test_integer_layernorm_saturates_huge_offsets(form, monkeypatch):
+    """Biases whose ``O = offset / s_out`` is finite beyond 2**22 or overflows to ``+-inf`` (so
+    ``B`` is infinite) saturate to 0 or 255 with their sign, on every form of step 5."""
+    channels = 48
+    gamma = torch.linspace(0.5, 2.0, channels)
+    norm, in_point, out_point = _ln_case(channels, (1, 2), gamma, "uint8", 0.05)
+    huge = torch.tensor([3e38, -3e38, 1e6, -1e6, 2.0**22 * 0.05, -(2.0**22) * 0.05])
+    norm.bias = huge.repeat(channels // huge.numel())
+    out = _ln_check(
+        norm, in_point, out_point, _ln_codes(16, channels, 121, seed=1), monkeypatch, form
+    )
+    assert (out[:, 0::2] == 255).all() and (out[:, 1::2] == 0).all()
