@@ -147,6 +147,7 @@ class _Exporter:
         self.exact = exact
         self.gemm = gemm
         self.fast = set() if exact else set(_FAST_PARTS)
+        self._tables: dict[tuple, str] = {}  # GatherElements data by content
 
     # -- points --------------------------------------------------------------------------------
 
@@ -451,25 +452,27 @@ class _Exporter:
             )
         table = table.to(torch.float32)
         saturated = float(table[-1])
-        if table.numel() == kernels.MASKED_2D + 1:  # the simulation's table: 256 * max(c) + c
-            entries = table[: kernels.MASKED_2D]
+        if table.numel() == kernels.MASKED_2D + 1:  # the simulation's table, (max c, c) pairs
+            # its lower triangle (c <= max c: the only pairs that occur) row after row: entry
+            # m (m + 1) / 2 + c is the kernel's 256 m + c
+            entries = torch.cat([table[256 * m : 256 * m + m + 1] for m in range(256)])
+            codes = g.cast(scores, T.INT32)
             if mask is None:
                 row_max = g.cast(g.op("ReduceMax", [scores], axes=[-1], keepdims=1), T.INT32)
-                codes = g.cast(scores, T.INT32)
-                offset = g.op("Mul", [row_max, g.const(np.array(256, i32))])
-            else:  # masked pairs: codes - 65536 (never the row max), then the saturated block
+                block = 0
+            else:  # masked pairs: codes - block (never the row max), then the saturated block
+                block = entries.numel() + 256
                 codes = g.op(
-                    "Add",
-                    [g.cast(scores, T.INT32),
-                     g.const(np.where(mask, -kernels.MASKED_2D, 0).astype(i32), "lis_mask")],
-                )  # fmt: skip
+                    "Add", [codes, g.const(np.where(mask, -block, 0).astype(i32), "lis_mask")]
+                )
                 row_max = g.op("ReduceMax", [codes], axes=[-1], keepdims=1)
-                offset = g.op(
-                    "Add",
-                    [g.op("Mul", [row_max, g.const(np.array(256, i32))]),
-                     g.const(np.array(kernels.MASKED_2D, i32))],
-                )  # fmt: skip
-                entries = torch.cat([torch.full_like(entries, saturated), entries])
+                entries = torch.cat([torch.full((block,), saturated), entries])
+            triangle = g.op(  # per row: m (m + 1) / 2 + block, int32 (exact)
+                "Div",
+                [g.op("Mul", [row_max, g.op("Add", [row_max, g.const(np.array(1, i32))])]),
+                 g.const(np.array(2, i32))],
+            )  # fmt: skip
+            offset = g.op("Add", [triangle, g.const(np.array(block, i32))]) if block else triangle
             index = g.op("Add", [codes, offset])
         else:  # the exact table: max(c) - c; masked pairs: codes - 512, then t >= 257 saturated
             codes = g.cast(scores, T.INT32)
@@ -480,13 +483,18 @@ class _Exporter:
                 )
                 entries = torch.cat([entries, torch.full((512,), saturated)])
             index = g.op("Sub", [g.op("ReduceMax", [codes], axes=[-1], keepdims=1), codes])
-        e = self._lookup(entries, index)
+        # GatherElements runs its rows in parallel: two where every batch's element count is even
+        count = getattr(attn, "num_heads", 1) * tokens**2 * (1 if mask is None else mask.shape[1])
+        rows = 2 if count % 2 == 0 else 1
+        e = self._lookup(entries, index, rows)
         levels = 2**attn.softmax_bits
         if attn.exact_float64 and float(attn.lis_exp_table.max()) * tokens < 2.0**52:
             y = self._lis_quotient_float64(e, levels)
         else:
             y = self._lis_quotient_int64(e, levels)
-        return self._lookup(self._lis_probability_table(attn.softmax_bits), g.cast(y, T.INT32))
+        return self._lookup(
+            self._lis_probability_table(attn.softmax_bits), g.cast(y, T.INT32), rows
+        )
 
     def _lis_quotient_float64(self, e32: str, levels: int) -> str:
         """``min(round(S / e), 2**levels)`` (half to even) as float64 for float32 integers ``e32``
@@ -519,14 +527,22 @@ class _Exporter:
         probs = kernels.lis_prob_table(bits)[kernels._log_round(y)]
         return probs * 2.0 ** (levels - 1)
 
-    def _lookup(self, table: Tensor, index: str) -> str:
+    def _lookup(self, table: Tensor, index: str, rows: int = 1) -> str:
         """``table[index]`` elementwise for a 1-D float ``table`` and an int32 ``index`` of any
-        shape, by ``GatherElements`` on the flattened index (its data must be at least as large as
-        the index on every other axis, so the table is ``[1, K]`` and the index ``[1, -1]``)."""
+        shape whose element count ``rows`` divides: ``GatherElements`` on the index as ``[rows,
+        -1]`` (its data must be at least as large as the index on every other axis: the table as
+        ``[1, K]`` expanded to ``[rows, K]``, a constant ONNX Runtime folds when loading). The
+        rows run in parallel. Tables are shared by name (the probability table of every layer).
+        """
         g = self.g
-        flat = g.reshape(index, [1, -1])
-        values = g.op("GatherElements", [g.const(table.reshape(1, -1).contiguous(), "table"), flat],
-                      axis=1)  # fmt: skip
+        key = (table.dtype, tuple(table.shape), table.numpy().tobytes(), rows)
+        data = self._tables.get(key)
+        if data is None:
+            data = g.const(table.reshape(1, -1).contiguous(), "table")
+            if rows > 1:
+                data = g.op("Expand", [data, g.const(np.array([rows, table.numel()], np.int64))])
+            self._tables[key] = data
+        values = g.op("GatherElements", [data, g.reshape(index, [rows, -1])], axis=1)
         return g.op("Reshape", [values, g.op("Shape", [index])])
 
     def _lis_quotient_int64(self, e32: str, levels: int) -> str:
