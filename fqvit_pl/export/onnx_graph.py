@@ -608,14 +608,17 @@ class _Exporter:
         Where a single float32 multiplier ``m`` (``fl(step / s)`` or a neighbour) gives the same
         code for **every** accumulator value the GEMM can produce (``|acc| <= head_dim *
         max|c - zp|**2``, all of them checked at export: a proof by exhaustion), the graph computes
-        ``clamp(round(fl(fl(acc * m) + zp)))``: one ``Mul`` instead of ``Mul`` and ``Div`` (a
-        ``Div`` costs ~6 ``Mul`` in ONNX Runtime). Else the integer model's operations.
+        ``clamp(round(fl(fl(acc * m) + zp)))``: no ``Div`` (~6 ``Mul`` in ONNX Runtime). Else the
+        integer model's operations. Either way ``fl(acc * m)`` (or ``fl(acc * step)``) is one
+        ``DequantizeLinear`` of the int32 accumulator (zero point 0): the accumulator is an integer
+        below 2**24, exact in float32, times the scale, one rounding: the ``Cast`` and ``Mul`` in
+        one pass.
         """
-        g, T = self.g, self.T
+        g = self.g
         point, qkv_point = attn.score_point, attn.qkv_point
         s = qkv_point.scale.detach().to(torch.float32)
         step = (s * attn.scale) * s if attn.scale_query_first else (s * s) * attn.scale
-        acc_f = g.cast(acc, T.FLOAT)
+        zero = g.const(np.array(0, np.int32))
         zp, bt = int(qkv_point.zero_point), qkv_point.bit_type
         bound = attn.head_dim * max(zp - bt.lower, bt.upper - zp) ** 2
 
@@ -626,8 +629,10 @@ class _Exporter:
 
         m = self._verified_multiplier(chunks, step / point.scale.detach().to(torch.float32), point)
         if m is None:
-            return self.quantize(g.op("Mul", [acc_f, g.const(step)]), point)
-        return self._quantize_by_product(acc_f, m, point)
+            return self.quantize(g.op("DequantizeLinear", [acc, g.const(step), zero]), point)
+        return self._codes_of(
+            g.op("DequantizeLinear", [acc, g.const(m, "multiplier"), zero]), point
+        )
 
     def _biased_codes(self, scores: str, attn: nn.Module) -> str:
         """Swin: the score codes plus the relative position bias → the bias point's codes, as
@@ -674,10 +679,14 @@ class _Exporter:
     def _quantize_by_product(self, x: str, m: Tensor, point: nn.Module) -> str:
         """``clamp(round(fl(fl(x * m) + zp)))`` as uint8 codes: ``Mul``, ``Add``, (``Clip`` for a
         narrower grid), ``QuantizeLinear`` with scale 1 (rounds half to even, saturates)."""
+        return self._codes_of(self.g.op("Mul", [x, self.g.const(m, "multiplier")]), point)
+
+    def _codes_of(self, product: str, point: nn.Module) -> str:
+        """``clamp(round(fl(product + zp)))`` as uint8 codes of ``point``."""
         g, f32 = self.g, np.float32
         bt = point.bit_type
         zp = g.const(point.zero_point.detach().to(torch.float32).reshape(()), "zp")
-        y = g.op("Add", [g.op("Mul", [x, g.const(m, "multiplier")]), zp])
+        y = g.op("Add", [product, zp])
         if bt.bits < 8:
             y = g.op(
                 "Clip", [y, g.const(np.array(bt.lower, f32)), g.const(np.array(bt.upper, f32))]
