@@ -39,7 +39,7 @@ import copy
 import json
 import math
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -72,6 +72,22 @@ def _reference_codes(x: Tensor, point: nn.Module) -> Tensor:
 
     return kernels.quantize_float(x, point.scale.reshape(()), point.zero_point.reshape(()),
                                   point.bit_type)  # fmt: skip
+
+
+def _transitions(f: Callable[[Tensor], Tensor], lo: int, hi: int, bit_type: Any) -> Tensor:
+    """For a nondecreasing code function ``f`` on the integers ``lo..hi``: ``lo``, ``hi`` and, for
+    every code ``k`` of ``bit_type``, ``t_k - 1`` and ``t_k`` where ``t_k`` is the first integer
+    with ``f >= k`` (bisection, all codes at once): int64, within ``lo..hi``."""
+    k = torch.arange(bit_type.lower + 1, bit_type.upper + 1, dtype=torch.float32)
+    left = torch.full(k.shape, lo, dtype=torch.int64)
+    right = torch.full(k.shape, hi + 1, dtype=torch.int64)
+    while bool((left < right).any()):
+        mid = (left + right) // 2
+        reached = f(mid.clamp(max=hi)) >= k
+        right = torch.where(reached & (left < right), mid, right)
+        left = torch.where(~reached & (left < right), mid + 1, left)
+    points = torch.cat([torch.tensor([lo, hi]), left, left - 1])
+    return torch.unique(points.clamp(lo, hi))
 
 
 def _product_codes(x: Tensor, m: Tensor, point: nn.Module) -> Tensor:
@@ -425,8 +441,9 @@ class _Exporter:
         copies element by element, costs ~50), and arithmetic that is exact:
 
         1. the exponential ``e = attn.lis_exp_table[index]`` with the kernel's index, in int32:
-           ``256 * max(c) + c`` (the simulation's ``[65537]`` table) or ``max(c) - c`` (the exact
-           ``[257]`` one), ``max`` over the row's unmasked codes. A masked pair (Swin) is offset
+           ``256 * max(c) + c`` (the simulation's ``[65537]`` table; stored as its lower triangle
+           ``c <= max(c)``, the only pairs that occur, at ``m (m + 1) / 2 + c``) or ``max(c) - c``
+           (the exact ``[257]`` one), ``max`` over the row's unmasked codes. A masked pair (Swin) is offset
            below every code before the row maximum and then indexes a block of the table filled
            with the saturated entry (:data:`kernels.MASKED`), as the kernel's ``masked_fill``.
            The entries are float32 integers (:func:`kernels.lis_exp_table`; checked), so the
@@ -607,12 +624,19 @@ class _Exporter:
 
         Where a single float32 multiplier ``m`` (``fl(step / s)`` or a neighbour) gives the same
         code for **every** accumulator value the GEMM can produce (``|acc| <= head_dim *
-        max|c - zp|**2``, all of them checked at export: a proof by exhaustion), the graph computes
-        ``clamp(round(fl(fl(acc * m) + zp)))``: no ``Div`` (~6 ``Mul`` in ONNX Runtime). Else the
-        integer model's operations. Either way ``fl(acc * m)`` (or ``fl(acc * step)``) is one
-        ``DequantizeLinear`` of the int32 accumulator (zero point 0): the accumulator is an integer
-        below 2**24, exact in float32, times the scale, one rounding: the ``Cast`` and ``Mul`` in
-        one pass.
+        max|c - zp|**2``), the graph computes ``clamp(round(fl(fl(acc * m) + zp)))``: no ``Div``
+        (~6 ``Mul`` in ONNX Runtime). Else the integer model's operations. Either way
+        ``fl(acc * m)`` (or ``fl(acc * step)``) is one ``DequantizeLinear`` of the int32
+        accumulator (zero point 0): the accumulator is an integer below 2**24, exact in float32,
+        times the scale, one rounding: the ``Cast`` and ``Mul`` in one pass.
+
+        The check, at export: both code functions ``f`` (the integer model's) and ``g`` are
+        nondecreasing in ``acc`` (products by positive constants, the addition, rounding and
+        clamping are monotone). If they agree at both ends of the range and at ``t_k`` and
+        ``t_k - 1`` for every code ``k`` of ``f``, ``t_k`` the first accumulator with ``f >= k``
+        (found by bisection), they agree everywhere: ``g(a) > f(a) = j`` would need
+        ``g(a) <= g(t_{j+1} - 1) = f(t_{j+1} - 1) = j``, and ``g(a) < f(a) = j`` would need
+        ``g(a) >= g(t_j) = f(t_j) >= j``. (Tested against every accumulator.)
         """
         g = self.g
         point, qkv_point = attn.score_point, attn.qkv_point
@@ -622,10 +646,12 @@ class _Exporter:
         zp, bt = int(qkv_point.zero_point), qkv_point.bit_type
         bound = attn.head_dim * max(zp - bt.lower, bt.upper - zp) ** 2
 
-        def chunks():
-            for start in range(-bound, bound + 1, 2**22):
-                a = torch.arange(start, min(start + 2**22, bound + 1), dtype=torch.float32)
-                yield a, _reference_codes(a * step, point)
+        def codes(acc: Tensor) -> Tensor:
+            return _reference_codes(acc.to(torch.float32) * step, point)
+
+        def chunks() -> Iterator[tuple[Tensor, Tensor]]:
+            acc = _transitions(codes, -bound, bound, point.bit_type)
+            yield acc.to(torch.float32), codes(acc)
 
         m = self._verified_multiplier(chunks, step / point.scale.detach().to(torch.float32), point)
         if m is None:
@@ -644,11 +670,13 @@ class _Exporter:
         point, bias_point = attn.score_point, attn.bias_point
         bias = attn.relative_bias().detach().to(torch.float32)
         value = g.op("Add", [self.dequantize(scores, point), g.const(bias)])
+        if "quantize" in self.fast:
+            return self.quantize(value, bias_point)
         bt = point.bit_type
         codes = torch.arange(bt.lower, bt.upper + 1, dtype=torch.float32)
         x = point.dequantize(codes)[:, None] + torch.unique(bias)[None, :]
 
-        def chunks():
+        def chunks() -> Iterator[tuple[Tensor, Tensor]]:
             yield x, _reference_codes(x, bias_point)
 
         guess = 1 / bias_point.scale.detach().to(torch.float32)
@@ -658,7 +686,9 @@ class _Exporter:
         return self._quantize_by_product(value, m, bias_point)
 
     @staticmethod
-    def _verified_multiplier(chunks, guess: Tensor, point: nn.Module) -> Tensor | None:
+    def _verified_multiplier(
+        chunks: Callable[[], Iterable[tuple[Tensor, Tensor]]], guess: Tensor, point: nn.Module
+    ) -> Tensor | None:
         """The first float32 ``m`` among ``guess`` and its neighbours (2 ulps each way) for which
         ``clamp(round(fl(fl(x * m) + zp)))`` equals the reference codes on every ``(x, codes)``
         chunk, or None. ``round`` is half to even, as ``QuantizeLinear``'s."""
