@@ -500,9 +500,10 @@ class _Exporter:
                 )
                 entries = torch.cat([entries, torch.full((512,), saturated)])
             index = g.op("Sub", [g.op("ReduceMax", [codes], axes=[-1], keepdims=1), codes])
-        # GatherElements runs its rows in parallel: two where every batch's element count is even
+        # GatherElements runs its rows in parallel: two where every batch's element count is even,
+        # else one per image (the table expanded at run time; ViT, whose batch is small)
         count = getattr(attn, "num_heads", 1) * tokens**2 * (1 if mask is None else mask.shape[1])
-        rows = 2 if count % 2 == 0 else 1
+        rows = 2 if count % 2 == 0 else (0 if mask is None else 1)
         e = self._lookup(entries, index, rows)
         levels = 2**attn.softmax_bits
         if attn.exact_float64 and float(attn.lis_exp_table.max()) * tokens < 2.0**52:
@@ -549,17 +550,29 @@ class _Exporter:
         shape whose element count ``rows`` divides: ``GatherElements`` on the index as ``[rows,
         -1]`` (its data must be at least as large as the index on every other axis: the table as
         ``[1, K]`` expanded to ``[rows, K]``, a constant ONNX Runtime folds when loading). The
-        rows run in parallel. Tables are shared by name (the probability table of every layer).
+        rows run in parallel. ``rows=0``: one row per index along its first axis (the batch), the
+        table expanded at run time. Tables are shared by content (the probability table of every
+        layer).
         """
         g = self.g
         key = (table.dtype, tuple(table.shape), table.numpy().tobytes(), rows)
         data = self._tables.get(key)
+        i64 = np.int64
+        if rows == 0:
+            batch = g.slice(g.op("Shape", [index]), 0, 1, 0)
         if data is None:
             data = g.const(table.reshape(1, -1).contiguous(), "table")
             if rows > 1:
-                data = g.op("Expand", [data, g.const(np.array([rows, table.numel()], np.int64))])
+                data = g.op("Expand", [data, g.const(np.array([rows, table.numel()], i64))])
+            elif rows == 0:
+                shape = g.op("Concat", [batch, g.const(np.array([table.numel()], i64))], axis=0)
+                data = g.op("Expand", [data, shape])
             self._tables[key] = data
-        values = g.op("GatherElements", [data, g.reshape(index, [rows, -1])], axis=1)
+        if rows == 0:
+            flat_shape = g.op("Concat", [batch, g.const(np.array([-1], i64))], axis=0)
+            values = g.op("GatherElements", [data, g.op("Reshape", [index, flat_shape])], axis=1)
+        else:
+            values = g.op("GatherElements", [data, g.reshape(index, [rows, -1])], axis=1)
         return g.op("Reshape", [values, g.op("Shape", [index])])
 
     def _lis_quotient_int64(self, e32: str, levels: int) -> str:
