@@ -501,9 +501,11 @@ class _Exporter:
                 entries = torch.cat([entries, torch.full((512,), saturated)])
             index = g.op("Sub", [g.op("ReduceMax", [codes], axes=[-1], keepdims=1), codes])
         # GatherElements runs its rows in parallel: two where every batch's element count is even,
-        # else one per image (the table expanded at run time; ViT, whose batch is small)
+        # else one per image for ViT (the table expanded at run time: a copy per image about as
+        # large as the image's scores); Swin's first axis is images x windows: one row
         count = getattr(attn, "num_heads", 1) * tokens**2 * (1 if mask is None else mask.shape[1])
-        rows = 2 if count % 2 == 0 else (0 if mask is None else 1)
+        vit = getattr(attn, "window_area", None) is None and mask is None
+        rows = 2 if count % 2 == 0 else (0 if vit else 1)
         e = self._lookup(entries, index, rows)
         levels = 2**attn.softmax_bits
         if attn.exact_float64 and float(attn.lis_exp_table.max()) * tokens < 2.0**52:
