@@ -9,14 +9,15 @@ Two forms. ``exact=True`` (default) computes the integer model's arithmetic oper
 - Linear / patch conv: ``MatMulInteger`` (int32 accumulator), then ``acc * (s_x * s_w) + bias``
   in float32 and the next point's ``QuantizeLinear`` (docs/method.md §12).
 - ``q @ k^T`` and (without LIS) ``attn @ V``: ``MatMulInteger`` on the codes, zero points as its
-  inputs. With LIS, ``attn @ V`` multiplies the probabilities ``2**-r`` by ``c_v - zp_v`` in
-  float32, exact (the proof in :class:`fqvit_pl.quant.integer.IntegerAttention`).
-- Log-Int-Softmax (§8) in elementwise operators only (ONNX Runtime's ``Gather`` costs as much as
-  ~50 elementwise passes): the I-BERT exponential in float32 operation for operation as the
-  integer model's table was built (every ``e`` a float32, exact), the row sum and
-  ``round(S / e)`` in float64 where ``max(e) * N < 2**52`` (else int64, as the integer model),
-  and the 4-bit log rounding as ``y`` rounded to one significant bit (Veltkamp's split), giving
-  ``2**(15 - r)`` for ``attn @ V`` in float32 (exact, ``2**-15 s_v`` folded into its scale).
+  inputs; the score codes by one float32 multiplier where it is proven, for every accumulator the
+  GEMM can produce, to round as the integer model's ``acc * step / s`` (else the same ops). With
+  LIS, ``attn @ V`` multiplies the probabilities ``2**-r`` by ``c_v - zp_v`` in float32, exact
+  (the proof in :class:`fqvit_pl.quant.integer.IntegerAttention`).
+- Log-Int-Softmax (§8): the integer model's own exponential and probability tables, read by
+  ``GatherElements`` (~1-2 elementwise passes in ONNX Runtime; ``Gather`` costs ~50) at the
+  kernel's int32 indices; the row sum and ``round(S / e)`` in float64 where ``max(e) * N < 2**52``
+  (rounding by ``+ 2**52 - 2**52``; else int64, as the integer model), giving ``2**(15 - r)`` for
+  ``attn @ V`` in float32 (exact, ``2**-15 s_v`` folded into its scale).
 - PTF LayerNorm (§7): ``x_q`` in float32 (integers below 2**12), the row sum and the sum of squares
   exact (float32 below 2**24, else float64), the per-token multiplier and offset by the contract's
   float32 formula (``2**-N`` as Rump's unit in the first place of ``|A|``: three float32
@@ -41,7 +42,7 @@ import copy
 import json
 import math
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -66,6 +67,38 @@ class OnnxExportError(ValueError):
 def _np(t: Tensor | float | int, dtype: Any = None) -> np.ndarray:
     a = t.detach().cpu().numpy() if isinstance(t, Tensor) else np.asarray(t)
     return a.astype(dtype) if dtype is not None else a
+
+
+def _reference_codes(x: Tensor, point: nn.Module) -> Tensor:
+    """The integer model's codes of ``x`` at ``point`` as float32 (:func:`kernels.quantize_float`)."""
+    from ..quant.integer import kernels
+
+    return kernels.quantize_float(x, point.scale.reshape(()), point.zero_point.reshape(()),
+                                  point.bit_type)  # fmt: skip
+
+
+def _transitions(f: Callable[[Tensor], Tensor], lo: int, hi: int, bit_type: Any) -> Tensor:
+    """For a nondecreasing code function ``f`` on the integers ``lo..hi``: ``lo``, ``hi`` and, for
+    every code ``k`` of ``bit_type``, ``t_k - 1`` and ``t_k`` where ``t_k`` is the first integer
+    with ``f >= k`` (bisection, all codes at once): int64, within ``lo..hi``."""
+    k = torch.arange(bit_type.lower + 1, bit_type.upper + 1, dtype=torch.float32)
+    left = torch.full(k.shape, lo, dtype=torch.int64)
+    right = torch.full(k.shape, hi + 1, dtype=torch.int64)
+    while bool((left < right).any()):
+        mid = (left + right) // 2
+        reached = f(mid.clamp(max=hi)) >= k
+        right = torch.where(reached & (left < right), mid, right)
+        left = torch.where(~reached & (left < right), mid + 1, left)
+    points = torch.cat([torch.tensor([lo, hi]), left, left - 1])
+    return torch.unique(points.clamp(lo, hi))
+
+
+def _product_codes(x: Tensor, m: Tensor, point: nn.Module) -> Tensor:
+    """``clamp(round(fl(fl(x * m) + zp)))`` in float32 (round half to even): what
+    :meth:`_Exporter._quantize_by_product` computes in ONNX Runtime."""
+    bt = point.bit_type
+    zp = point.zero_point.reshape(()).to(torch.float32)
+    return (x * m).add_(zp).round_().clamp_(bt.lower, bt.upper)
 
 
 class _Graph:
@@ -133,6 +166,7 @@ class _Exporter:
         self.exact = exact
         self.gemm = gemm
         self.fast = set() if exact else set(_FAST_PARTS)
+        self._tables: dict[tuple, str] = {}  # GatherElements data by content
 
     # -- points --------------------------------------------------------------------------------
 
@@ -471,80 +505,146 @@ class _Exporter:
     ) -> str:
         """§8 on the uint8 score codes ``[..., N]`` → ``2**(L-1) * p`` as float32 (``L = 2**bits``).
 
-        Bit for bit the integer model's table lookups (:func:`kernels.log_int_softmax_codes`), in
-        elementwise operators only (ONNX Runtime's ``Gather`` costs ~50 elementwise passes):
+        Bit for bit :func:`kernels.log_int_softmax_codes`: the integer model's own tables, read by
+        ``GatherElements`` (one gather ~1-2 elementwise passes in ONNX Runtime; ``Gather``, which
+        copies element by element, costs ~50), and arithmetic that is exact:
 
-        - the exponential: I-BERT's polynomial (:func:`fqvit_pl.quant.functional.int_exp`)
-          operation for operation in float32 on the same operands as the integer model's table
-          (``fl(fl((c - zp) s) / s)`` minus its row maximum for the simulation's table,
-          ``c - max c`` for the exact one), so every ``e`` is the table's entry; ``e`` is a float32
-          times a power of two, floored: a float32, exact. A masked pair (Swin) gets ``-1e9``,
-          clamped to ``n * x0`` as the table's saturated entry;
-        - ``y = round(S / e)``: float64 where ``max(e) * tokens < 2**52`` and the integer model
-          says so (:meth:`_lis_quotient_int64` otherwise, int64 as the integer model);
-        - the log rounding: ``2**r`` is ``y`` rounded to the nearest power of two, ties up
-          (``y >= 1.5 * 2**floor(log2 y)``), which Veltkamp's split with ``sigma = 2**23 + 1`` gives
-          exactly in float32 for integers ``y <= 2**L`` (checked for every such ``y`` in the
-          tests); ``y`` clamped to ``2**L`` keeps every exponent ``r < L`` and sends the rest to
-          ``2**L``; ``floor(2**(L-1) / 2**r)`` is ``2**(L-1-r)``, and 0 for ``r >= L``.
+        1. the exponential ``e = attn.lis_exp_table[index]`` with the kernel's index, in int32:
+           ``256 * max(c) + c`` (the simulation's ``[65537]`` table; stored as its lower triangle
+           ``c <= max(c)``, the only pairs that occur, at ``m (m + 1) / 2 + c``) or ``max(c) - c``
+           (the exact ``[257]`` one), ``max`` over the row's unmasked codes. A masked pair (Swin) is offset
+           below every code before the row maximum and then indexes a block of the table filled
+           with the saturated entry (:data:`kernels.MASKED`), as the kernel's ``masked_fill``.
+           The entries are float32 integers (:func:`kernels.lis_exp_table`; checked), so the
+           float32 table loses nothing;
+        2. ``y = min(round(S / e), 2**L)`` (half to even) in float64 where the integer model
+           divides in float64 (``max(e) * tokens < 2**52``): :meth:`_lis_quotient_float64`, exact.
+           Only ``y`` up to ``2**L`` matters: every ``y >= 0.75 * 2**L`` gives ``r >= L``,
+           probability 0;
+        3. the log rounding: ``ptable[y] = 2**(L-1) * lis_prob_table[key(y)]`` for every
+           ``y = 0..2**L``, built at export with the kernel's own key (``_log_round``) and table,
+           read by ``GatherElements`` (``y`` cast to int32, exact).
+
+        Where the integer model divides in int64 (row sums past 2**52), ``y`` comes from
+        :meth:`_lis_quotient_int64` (its own proof), then step 3.
         """
-        from ..quant.functional import IBERT_B, IBERT_C, INT_EXP_N, LN2
+        from ..quant.integer import kernels
 
-        g, T, f32 = self.g, self.T, np.float32
-        point = attn.lis_point()
-        s = point.scale.detach().reshape(()).to(torch.float32)
-        if attn.lis_exp_table.numel() == 257:  # the exact table: t = max c - c
-            x = g.cast(scores, T.FLOAT)
-        else:  # the simulation's table: fl(fl((c - zp) s) / s)
-            x = g.op("Div", [self.dequantize(scores, point), g.const(s)])
-        if mask is not None:
-            x = g.op("Add", [x, g.const(np.where(mask, f32(-1e9), f32(0)), "lis_mask")])
-        x = g.op("Sub", [x, g.op("ReduceMax", [x], axes=[-1], keepdims=1)])
-        n = INT_EXP_N
-        x0 = torch.floor(-LN2 / s)
-        x = g.op("Max", [x, g.const(n * x0)])
-        q = g.op("Floor", [g.op("Div", [x, g.const(x0)])])
-        r = g.op("Sub", [x, g.op("Mul", [g.const(x0), q])])
-        fb, fc = torch.floor(IBERT_B / s), torch.floor(IBERT_C / s**2)
-        z = g.op("Add", [g.op("Mul", [r, g.op("Add", [r, g.const(fb)])]), g.const(fc)])
-        power = self._power_of_two(g.op("Sub", [g.const(np.array(n, f32)), q]))
-        e = g.op("Max", [g.op("Floor", [g.op("Mul", [z, power])]), g.const(np.array(0.0, f32))])
+        g, T, i32 = self.g, self.T, np.int32
+        table = attn.lis_exp_table.detach().cpu().to(torch.float64)
+        if not torch.equal(table.to(torch.float32).to(torch.float64), table):
+            raise OnnxExportError(
+                "export_onnx: a Log-Int-Softmax exponential table holds values that are not float32"
+            )
+        table = table.to(torch.float32)
+        saturated = float(table[-1])
+        if table.numel() == kernels.MASKED_2D + 1:  # the simulation's table, (max c, c) pairs
+            # its lower triangle (c <= max c: the only pairs that occur) row after row: entry
+            # m (m + 1) / 2 + c is the kernel's 256 m + c
+            entries = torch.cat([table[256 * m : 256 * m + m + 1] for m in range(256)])
+            codes = g.cast(scores, T.INT32)
+            if mask is None:
+                row_max = g.cast(g.op("ReduceMax", [scores], axes=[-1], keepdims=1), T.INT32)
+                block = 0
+            else:  # masked pairs: codes - block (never the row max), then the saturated block
+                block = entries.numel() + 256
+                codes = g.op(
+                    "Add", [codes, g.const(np.where(mask, -block, 0).astype(i32), "lis_mask")]
+                )
+                row_max = g.op("ReduceMax", [codes], axes=[-1], keepdims=1)
+                entries = torch.cat([torch.full((block,), saturated), entries])
+            triangle = g.op(  # per row: m (m + 1) / 2 + block, int32 (exact)
+                "Div",
+                [g.op("Mul", [row_max, g.op("Add", [row_max, g.const(np.array(1, i32))])]),
+                 g.const(np.array(2, i32))],
+            )  # fmt: skip
+            offset = g.op("Add", [triangle, g.const(np.array(block, i32))]) if block else triangle
+            index = g.op("Add", [codes, offset])
+        else:  # the exact table: max(c) - c; masked pairs: codes - 512, then t >= 257 saturated
+            codes = g.cast(scores, T.INT32)
+            entries = table[: kernels.MASKED]
+            if mask is not None:
+                codes = g.op(
+                    "Add", [codes, g.const(np.where(mask, -512, 0).astype(i32), "lis_mask")]
+                )
+                entries = torch.cat([entries, torch.full((512,), saturated)])
+            index = g.op("Sub", [g.op("ReduceMax", [codes], axes=[-1], keepdims=1), codes])
+        # GatherElements runs its rows in parallel: two where every batch's element count is even,
+        # else one per image for ViT (the table expanded at run time: a copy per image about as
+        # large as the image's scores); Swin's first axis is images x windows: one row
+        count = getattr(attn, "num_heads", 1) * tokens**2 * (1 if mask is None else mask.shape[1])
+        vit = getattr(attn, "window_area", None) is None and mask is None
+        rows = 2 if count % 2 == 0 else (0 if vit else 1)
+        e = self._lookup(entries, index, rows)
         levels = 2**attn.softmax_bits
-        # float64 holds every row sum S <= tokens * max(e) exactly below 2**52 and rounds S / e as
-        # the exact quotient (kernels.log_int_softmax_codes); the integer model's own choice wins
-        # where it divides in int64 (exact either way)
         if attn.exact_float64 and float(attn.lis_exp_table.max()) * tokens < 2.0**52:
-            e64 = g.cast(e, T.DOUBLE)
-            total = g.op("ReduceSum", [e64, g.const(np.array([-1], np.int64))], keepdims=1)
-            y = g.op("Round", [g.op("Div", [total, e64])])  # e = 0: inf
-            y = g.cast(g.op("Min", [y, g.const(np.array(2.0**levels, np.float64))]), T.FLOAT)
+            y = self._lis_quotient_float64(e, levels)
         else:
             y = self._lis_quotient_int64(e, levels)
-        return self._lis_log_round(y, levels)
+        return self._lookup(
+            self._lis_probability_table(attn.softmax_bits), g.cast(y, T.INT32), rows
+        )
 
-    def _lis_log_round(self, y: str, levels: int) -> str:
-        """§8 steps 4-5 for float32 integers ``1 <= y <= 2**levels``: ``2**(levels-1-r)``, 0 for ``r >= levels``.
+    def _lis_quotient_float64(self, e32: str, levels: int) -> str:
+        """``min(round(S / e), 2**levels)`` (half to even) as float64 for float32 integers ``e32``
+        whose row sums ``S`` stay below 2**52: ``inf`` where ``e = 0`` (clamped to ``2**levels``).
 
-        ``2**r`` is ``y`` rounded to the nearest power of two with ties up: Veltkamp's split
-        ``c = y (2**23 + 1)``, ``c - (c - y)`` keeps one significant bit (exact float32 steps, no
-        overflow below 2**104).
+        ``S`` is exact in any order; ``w = fl(S / e)`` is a half-integer only where ``S / e`` is
+        one (a quotient ``k + 1/2`` apart is at least ``1 / (2e)`` away, more than half an ulp of
+        ``S / e`` as ``S < 2**52``), and on the same side of every half-integer; ``Clip`` to
+        ``2**levels`` keeps that; ``fl(w + 2**52)`` rounds to the nearest integer, ties to even (the
+        ulp is 1 in ``[2**52, 2**53)`` and ``2**52`` is even), and ``- 2**52`` is exact. A row of
+        zeros (``S = 0``, scales past ~1.67) is given ``S = 1/2``: ``inf``, probability 0, as
+        the int64 division gives (the float64 kernel has no key for ``0 / 0``).
         """
-        g, f32 = self.g, np.float32
-        c = g.op("Mul", [y, g.const(np.array(2.0**23 + 1, f32))])
-        nearest = g.op("Sub", [c, g.op("Sub", [c, y])])
-        return g.op("Floor", [g.op("Div", [g.const(np.array(2.0 ** (levels - 1), f32)), nearest])])
+        g, T, f64 = self.g, self.T, np.float64
+        e64 = g.cast(e32, T.DOUBLE)
+        total = g.op("ReduceSum", [e64, g.const(np.array([-1], np.int64))], keepdims=1)
+        total = g.op("Max", [total, g.const(np.array(0.5, f64))])  # per row: free
+        w = g.op("Div", [total, e64])
+        w = g.op("Clip", [w, "", g.const(np.array(2.0**levels, f64))])  # Clip: faster than Min
+        magic = g.const(np.array(2.0**52, f64))
+        return g.op("Sub", [g.op("Add", [w, magic]), magic])
 
-    def _power_of_two(self, k: str) -> str:
-        """``2**k`` for float32 integers ``0 <= k <= 100``, exact, ~8x faster than ``Pow`` in ONNX Runtime.
+    def _lis_probability_table(self, bits: int) -> Tensor:
+        """``2**(L-1) * p`` for every quotient ``y = 0..2**L`` (float32 ``[2**L + 1]``): the integer
+        model's ``lis_prob_table(bits)`` at the key ``_log_round(y)``, scaled by a power of two."""
+        from ..quant.integer import kernels
 
-        ``Exp(k ln 2)`` is within a few ulps of ``2**k`` (tested for every such ``k``), far inside
-        ``(0.75, 1.5) * 2**k``; rounding it to one significant bit (Veltkamp's split,
-        :meth:`_lis_log_round`) gives ``2**k`` exactly.
+        levels = 2**bits
+        y = torch.arange(2**levels + 1, dtype=torch.float64)
+        probs = kernels.lis_prob_table(bits)[kernels._log_round(y)]
+        return probs * 2.0 ** (levels - 1)
+
+    def _lookup(self, table: Tensor, index: str, rows: int = 1) -> str:
+        """``table[index]`` elementwise for a 1-D float ``table`` and an int32 ``index`` of any
+        shape whose element count ``rows`` divides: ``GatherElements`` on the index as ``[rows,
+        -1]`` (its data must be at least as large as the index on every other axis: the table as
+        ``[1, K]`` expanded to ``[rows, K]``, a constant ONNX Runtime folds when loading). The
+        rows run in parallel. ``rows=0``: one row per index along its first axis (the batch), the
+        table expanded at run time. Tables are shared by content (the probability table of every
+        layer).
         """
-        g, f32 = self.g, np.float32
-        approx = g.op("Exp", [g.op("Mul", [k, g.const(np.array(math.log(2.0), f32))])])
-        c = g.op("Mul", [approx, g.const(np.array(2.0**23 + 1, f32))])
-        return g.op("Sub", [c, g.op("Sub", [c, approx])])
+        g = self.g
+        key = (table.dtype, tuple(table.shape), table.numpy().tobytes(), rows)
+        data = self._tables.get(key)
+        i64 = np.int64
+        if rows == 0:
+            batch = g.slice(g.op("Shape", [index]), 0, 1, 0)
+        if data is None:
+            data = g.const(table.reshape(1, -1).contiguous(), "table")
+            if rows > 1:
+                data = g.op("Expand", [data, g.const(np.array([rows, table.numel()], i64))])
+            elif rows == 0:
+                shape = g.op("Concat", [batch, g.const(np.array([table.numel()], i64))], axis=0)
+                data = g.op("Expand", [data, shape])
+            self._tables[key] = data
+        if rows == 0:
+            flat_shape = g.op("Concat", [batch, g.const(np.array([-1], i64))], axis=0)
+            values = g.op("GatherElements", [data, g.op("Reshape", [index, flat_shape])], axis=1)
+        else:
+            values = g.op("GatherElements", [data, g.reshape(index, [rows, -1])], axis=1)
+        return g.op("Reshape", [values, g.op("Shape", [index])])
 
     def _lis_quotient_int64(self, e32: str, levels: int) -> str:
         """``min(round(S / e), 2**levels)`` as float32 for the float32 exponentials ``e32`` (exact
@@ -602,6 +702,112 @@ class _Exporter:
         kept = g.cast(g.op("Greater", [minus_r, g.const(np.array(-levels, f32))]), self.T.FLOAT)
         return g.op("Mul", [power, kept])  # faster than Where in ONNX Runtime
 
+    def _score_codes(self, acc: str, attn: nn.Module) -> str:
+        """The ``q @ k^T`` accumulator (int32) → the score point's uint8 codes, as the integer model:
+        ``clamp(round(fl(fl(fl(acc * step) / s) + zp)))`` (:meth:`IntegerAttention.scores`).
+
+        Where a single float32 multiplier ``m`` (``fl(step / s)`` or a neighbour) gives the same
+        code for **every** accumulator value the GEMM can produce (``|acc| <= head_dim *
+        max|c - zp|**2``), the graph computes ``clamp(round(fl(fl(acc * m) + zp)))``: no ``Div``
+        (~6 ``Mul`` in ONNX Runtime). Else the integer model's operations. Either way
+        ``fl(acc * m)`` (or ``fl(acc * step)``) is one ``DequantizeLinear`` of the int32
+        accumulator (zero point 0): the accumulator is an integer below 2**24, exact in float32,
+        times the scale, one rounding: the ``Cast`` and ``Mul`` in one pass.
+
+        The check, at export: both code functions ``f`` (the integer model's) and ``g`` are
+        nondecreasing in ``acc`` (products by positive constants, the addition, rounding and
+        clamping are monotone). If they agree at both ends of the range and at ``t_k`` and
+        ``t_k - 1`` for every code ``k`` of ``f``, ``t_k`` the first accumulator with ``f >= k``
+        (found by bisection), they agree everywhere: ``g(a) > f(a) = j`` would need
+        ``g(a) <= g(t_{j+1} - 1) = f(t_{j+1} - 1) = j``, and ``g(a) < f(a) = j`` would need
+        ``g(a) >= g(t_j) = f(t_j) >= j``. (Tested against every accumulator.)
+        """
+        g = self.g
+        point, qkv_point = attn.score_point, attn.qkv_point
+        s = qkv_point.scale.detach().to(torch.float32)
+        step = (s * attn.scale) * s if attn.scale_query_first else (s * s) * attn.scale
+        zero = g.const(np.array(0, np.int32))
+        zp, bt = int(qkv_point.zero_point), qkv_point.bit_type
+        bound = attn.head_dim * max(zp - bt.lower, bt.upper - zp) ** 2
+
+        def codes(acc: Tensor) -> Tensor:
+            return _reference_codes(acc.to(torch.float32) * step, point)
+
+        def chunks() -> Iterator[tuple[Tensor, Tensor]]:
+            acc = _transitions(codes, -bound, bound, point.bit_type)
+            yield acc.to(torch.float32), codes(acc)
+
+        m = self._verified_multiplier(chunks, step / point.scale.detach().to(torch.float32), point)
+        if m is None:
+            return self.quantize(g.op("DequantizeLinear", [acc, g.const(step), zero]), point)
+        return self._codes_of(
+            g.op("DequantizeLinear", [acc, g.const(m, "multiplier"), zero]), point
+        )
+
+    def _biased_codes(self, scores: str, attn: nn.Module) -> str:
+        """Swin: the score codes plus the relative position bias → the bias point's codes, as
+        :meth:`IntegerAttention.scores`: ``x = fl(fl((c - zp) s) + b)`` (``DequantizeLinear``, the
+        same float32 product), then quantized by one ``Mul`` where :meth:`_verified_multiplier`
+        proves it equal to the ``Div`` for every ``x`` that can occur (every code times every bias
+        value: a proof by exhaustion), else by :meth:`quantize`."""
+        g = self.g
+        point, bias_point = attn.score_point, attn.bias_point
+        bias = attn.relative_bias().detach().to(torch.float32)
+        value = g.op("Add", [self.dequantize(scores, point), g.const(bias)])
+        if "quantize" in self.fast:
+            return self.quantize(value, bias_point)
+        bt = point.bit_type
+        codes = torch.arange(bt.lower, bt.upper + 1, dtype=torch.float32)
+        x = point.dequantize(codes)[:, None] + torch.unique(bias)[None, :]
+
+        def chunks() -> Iterator[tuple[Tensor, Tensor]]:
+            yield x, _reference_codes(x, bias_point)
+
+        guess = 1 / bias_point.scale.detach().to(torch.float32)
+        m = self._verified_multiplier(chunks, guess, bias_point)
+        if m is None:
+            return self.quantize(value, bias_point)
+        return self._quantize_by_product(value, m, bias_point)
+
+    @staticmethod
+    def _verified_multiplier(
+        chunks: Callable[[], Iterable[tuple[Tensor, Tensor]]], guess: Tensor, point: nn.Module
+    ) -> Tensor | None:
+        """The first float32 ``m`` among ``guess`` and its neighbours (2 ulps each way) for which
+        ``clamp(round(fl(fl(x * m) + zp)))`` equals the reference codes on every ``(x, codes)``
+        chunk, or None. ``round`` is half to even, as ``QuantizeLinear``'s."""
+        guess = guess.reshape(()).to(torch.float32)
+        candidates = [guess]
+        for direction in (math.inf, -math.inf):
+            m = guess
+            for _ in range(2):
+                m = torch.nextafter(m, torch.tensor(direction, dtype=torch.float32))
+                candidates.append(m)
+        alive = list(candidates)
+        for x, reference in chunks():
+            alive = [m for m in alive if torch.equal(_product_codes(x, m, point), reference)]
+            if not alive:
+                return None
+        return alive[0]
+
+    def _quantize_by_product(self, x: str, m: Tensor, point: nn.Module) -> str:
+        """``clamp(round(fl(fl(x * m) + zp)))`` as uint8 codes: ``Mul``, ``Add``, (``Clip`` for a
+        narrower grid), ``QuantizeLinear`` with scale 1 (rounds half to even, saturates)."""
+        return self._codes_of(self.g.op("Mul", [x, self.g.const(m, "multiplier")]), point)
+
+    def _codes_of(self, product: str, point: nn.Module) -> str:
+        """``clamp(round(fl(product + zp)))`` as uint8 codes of ``point``."""
+        g, f32 = self.g, np.float32
+        bt = point.bit_type
+        zp = g.const(point.zero_point.detach().to(torch.float32).reshape(()), "zp")
+        y = g.op("Add", [product, zp])
+        if bt.bits < 8:
+            y = g.op(
+                "Clip", [y, g.const(np.array(bt.lower, f32)), g.const(np.array(bt.upper, f32))]
+            )
+        one, zero = g.const(np.array(1.0, f32)), g.const(np.array(0, np.uint8))
+        return g.op("QuantizeLinear", [y, one, zero], "codes")
+
     def attention(
         self, codes: str, attn: nn.Module, in_point: nn.Module, tokens: int, mask: Tensor | None
     ) -> str:
@@ -615,19 +821,13 @@ class _Exporter:
         s = attn.qkv_point.scale.detach()
         if "scores" not in self.fast:
             acc = g.op("MatMulInteger", [q, g.transpose(k, [0, 1, 3, 2]), zp, zp], "scores_acc")
-            step = (s * attn.scale) * s if attn.scale_query_first else (s * s) * attn.scale
-            scores = g.op("Mul", [g.cast(acc, T.FLOAT), g.const(step)])
+            scores = self._score_codes(acc, attn)
         else:  # DQ → MatMul → Q: one QLinearMatMul (the softmax scale folded into q's scale)
             q_value = g.op("DequantizeLinear", [q, g.const(s * attn.scale), zp])
             k_value = g.op("DequantizeLinear", [g.transpose(k, [0, 1, 3, 2]), g.const(s), zp])
-            scores = g.op("MatMul", [q_value, k_value])
-        scores = self.quantize(scores, attn.score_point)
+            scores = self.quantize(g.op("MatMul", [q_value, k_value]), attn.score_point)
         if attn.window_area is not None:
-            value = g.op(
-                "Add",
-                [self.dequantize(scores, attn.score_point), g.const(attn.relative_bias().detach())],
-            )
-            scores = self.quantize(value, attn.bias_point)
+            scores = self._biased_codes(scores, attn)
         windows = None if mask is None else mask.shape[0]
         if windows is not None:
             scores = g.reshape(scores, [-1, windows, heads, tokens, tokens])
@@ -639,10 +839,8 @@ class _Exporter:
             probs = g.reshape(
                 self.log_int_softmax(scores, attn, lis_mask, tokens), [-1, heads, tokens, tokens]
             )
-            v_int = g.op(
-                "Sub",
-                [g.cast(v, T.FLOAT), g.const(np.array(int(attn.qkv_point.zero_point), np.float32))],
-            )
+            one = g.const(np.array(1.0, np.float32))
+            v_int = g.op("DequantizeLinear", [v, one, zp])  # c_v - zp_v, exact
             # probs hold 2**(L-1) p: integers, so probs @ (c_v - zp) stays exact in float32 (row
             # sums of p <= 1.5, IntegerAttention's proof: |partial sums| <= 1.5 * 2**(L-1) * 255
             # < 2**24 for L <= 16); 2**-(L-1) s_v is s_v scaled exactly, the same rounding as

@@ -18,7 +18,7 @@ import torch
 
 from fqvit_pl.quant.bit_type import get_bit_type
 from fqvit_pl.quant.integer import kernels
-from fqvit_pl.quant.integer.layers import IntPoint
+from fqvit_pl.quant.integer.layers import IntegerAttention, IntPoint
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -32,7 +32,11 @@ def _run(build, inputs: dict[str, np.ndarray]) -> np.ndarray:
 
     exporter = _Exporter(torch.nn.Identity())
     out = build(exporter, list(inputs))
-    dtypes = {np.dtype(np.uint8): TensorProto.UINT8, np.dtype(np.float32): TensorProto.FLOAT}
+    dtypes = {
+        np.dtype(np.uint8): TensorProto.UINT8,
+        np.dtype(np.float32): TensorProto.FLOAT,
+        np.dtype(np.int32): TensorProto.INT32,
+    }
     graph = helper.make_graph(
         exporter.g.nodes,
         "subgraph",
@@ -104,26 +108,54 @@ def test_ptf_power_of_every_float32_mantissa():
 # -- Log-Int-Softmax -----------------------------------------------------------------------------
 
 
-def test_power_of_two_is_exact():
-    k = np.arange(0, 101, dtype=np.float32)  # Veltkamp's product overflows past 2**104
-    out = _run(lambda ex, names: ex._power_of_two(names[0]), {"k": k})
-    assert out.tolist() == [2.0**i for i in range(101)]
+def _python_probability(y: int, levels: int) -> float:
+    """§8 steps 4-5 by Python integers: ``2**(L-1-r)`` with ``r = floor(log2 y) + [y - 2**f >=
+    2**(f-1)]``, 0 for ``r >= L``."""
+    f = y.bit_length() - 1
+    r = f + (y - 2**f >= 2 ** (f - 1) if f > 0 else 0)
+    return float(2 ** (levels - 1 - r)) if r < levels else 0.0
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_log_rounding_of_every_quotient(bits):
-    """§8 steps 4-5 for every integer ``y`` up to the clamp ``2**L``: ``2**(L-1-r)`` with
-    ``r = floor(log2 y) + [y - 2**f >= 2**(f-1)]`` by Python integers, 0 for ``r >= L``."""
+    """The probability lookup for every integer ``y`` up to the clamp ``2**L``, by Python integers."""
     levels = 2**bits
-    y = np.arange(1, 2**levels + 1, dtype=np.float32)
-    out = _run(lambda ex, names: ex._lis_log_round(names[0], levels), {"y": y})
+    y = np.arange(1, 2**levels + 1, dtype=np.int32)
+    out = _run(lambda ex, names: ex._lookup(ex._lis_probability_table(bits), names[0]), {"y": y})
+    assert out.tolist() == [_python_probability(int(v), levels) for v in y]
 
-    def expected(value: int) -> float:
-        f = value.bit_length() - 1
-        r = f + (value - 2**f >= 2 ** (f - 1) if f > 0 else 0)
-        return float(2 ** (levels - 1 - r)) if r < levels else 0.0
 
-    assert out.tolist() == [expected(int(v)) for v in y]
+def _quotient_rows() -> np.ndarray:
+    """Rows ``[2 m, (2k - 1) m, 0]``: ``S / e = k + 1/2`` exactly for the first entry (ties of
+    both parities for every ``k`` up to ``2**16 + 1``) and ``(2k + 1) / (2k - 1)`` for the
+    second; the same scaled by ``2**34`` (``S`` up to ~2**52); ``2 m`` moved off the ties by its
+    last float32 bit; ties broken by a 1 that only an exact row sum keeps; a row with a zero
+    exponential and a row of zeros."""
+    k = np.arange(1, 2**16 + 2, dtype=np.float64)
+    rows = []
+    for scale in (1.0, 2.0**34):
+        for shift in (0.0, 1.0, -1.0):
+            first = 2 * scale + shift * max(1.0, scale * 2.0**-22)
+            rows.append(np.stack([np.full_like(k, first), (2 * k - 1) * scale, 0 * k], axis=1))
+    big = 2.0**25  # [E, (k - 1/2) E, 1]: S / E = k + 1/2 + 2**-25, only if the sum keeps the 1
+    rows.append(np.stack([np.full_like(k, big), (k - 0.5) * big, np.ones_like(k)], axis=1))
+    rows.append(np.array([[5.0, 0.0, 3.0], [0.0, 0.0, 0.0]]))
+    out = np.concatenate(rows).astype(np.float32)
+    assert np.array_equal(out.astype(np.float64), np.concatenate(rows))  # float32 integers
+    return out
+
+
+def test_float64_quotient_rounds_half_to_even_and_clamps():
+    """``min(round(S / e), 2**16)`` (half to even) by Python fractions on ties of every parity,
+    near-ties, row sums near 2**52, ``e = 0`` (infinite: clamped) and a row of zeros (0 / 0:
+    clamped, probability 0 as the int64 division gives)."""
+    e = _quotient_rows()
+    out = _run(lambda ex, names: ex._lis_quotient_float64(names[0], 16), {"e": e})
+    for row, got in zip(e.astype(np.int64).tolist(), out.tolist()):
+        total = sum(row)
+        assert total < 2**52
+        # Python's round() rounds half to even
+        assert got == [min(round(Fraction(total, v)), 2**16) if v else 2**16 for v in row]
 
 
 def _score_rows(tokens: int, seed: int) -> np.ndarray:
@@ -138,8 +170,10 @@ def _score_rows(tokens: int, seed: int) -> np.ndarray:
     return np.stack(rows).astype(np.uint8)
 
 
-def _attn(scale: float, zero_point: int, bits: int, exact_table: bool, tokens: int):
-    point = _point(scale, zero_point)
+def _attn(
+    scale: float, zero_point: int, bits: int, exact_table: bool, tokens: int, grid: str = "uint8"
+):
+    point = _point(scale, zero_point, grid)
     table = (
         kernels.lis_exp_table(point.scale)
         if exact_table
@@ -198,15 +232,20 @@ def test_log_int_softmax_of_the_exact_table_equals_python_integers():
             assert p == (2.0 ** (15 - r) if r < 16 else 0.0)
 
 
-def test_log_int_softmax_sends_masked_pairs_to_the_saturated_exponential():
-    """Swin's shift mask: masked pairs take the table's saturated entry and never the row max."""
+@pytest.mark.parametrize("int64", [False, True])
+@pytest.mark.parametrize("exact_table", [False, True])
+def test_log_int_softmax_sends_masked_pairs_to_the_saturated_exponential(exact_table, int64):
+    """Swin's shift mask: masked pairs take the table's saturated entry and never the row max
+    (in one window all masked pairs at the top code), both tables, both divisions."""
     tokens, windows = 16, 4
-    attn = _attn(0.06, 90, 4, False, tokens)
+    attn = _attn(0.06, 90, 4, exact_table, tokens)
+    attn.exact_float64 = not int64
     rng = np.random.default_rng(3)
     codes = rng.integers(0, 256, (2, windows, 3, tokens, tokens)).astype(np.uint8)
     mask = rng.random((windows, tokens, tokens)) < 0.5
     mask[:, np.arange(tokens), np.arange(tokens)] = False  # every row keeps one pair
     codes[..., np.arange(tokens), np.arange(tokens)] = 0  # ... whose code is the lowest
+    codes[0, :, 0] = np.where(mask, 255, codes[0, :, 0])
     lis_mask = mask[None, :, None]
     out = _run(
         lambda ex, names: ex.log_int_softmax(names[0], attn, lis_mask, tokens), {"scores": codes}
@@ -216,6 +255,133 @@ def test_log_int_softmax_sends_masked_pairs_to_the_saturated_exponential():
         torch.from_numpy(lis_mask), exact_float64=attn.exact_float64,
     )  # fmt: skip
     assert np.array_equal(out * 2.0**-15, reference.numpy())
+
+
+def _every_pair(grid: str) -> np.ndarray:
+    """One row per row maximum ``m`` of the grid, ``[m, lower, ..., m, m, ...]``: every
+    (row maximum, code) pair of the tables occurs."""
+    bt = get_bit_type(grid)
+    rows = [
+        np.r_[m, np.arange(bt.lower, m + 1), np.full(bt.upper - m, m)]
+        for m in range(bt.lower, bt.upper + 1)
+    ]
+    return np.stack(rows).astype(np.uint8)
+
+
+@pytest.mark.parametrize("exact_table", [False, True])
+@pytest.mark.parametrize(
+    "grid, zero_point, scale",
+    [
+        ("uint8", 117, 0.04),  # a trained network's scale: float64 division
+        ("uint8", 117, 0.004),  # row sums past 2**52: int64 division
+        ("uint8", 30, 1.7),  # floor(C / s**2) = 0: exponentials 0, rows of zeros
+        ("uint6", 20, 0.09),
+        ("uint4", 7, 0.3),
+    ],
+)
+def test_log_int_softmax_of_every_table_entry(grid, zero_point, scale, exact_table):
+    """Every (row maximum, code) pair of 4..8-bit score grids through the graph equals the integer
+    model's kernel (its int64 division at scale 1.7: on a row of zeros the float64 kernel finds no
+    key for ``0 / 0``, and the graph gives probability 0, as the int64 division)."""
+    codes = _every_pair(grid)
+    tokens = codes.shape[1]
+    attn = _attn(scale, zero_point, 4, exact_table, tokens, grid)
+    assert attn.exact_float64 == (scale != 0.004)
+    out = _run(
+        lambda ex, names: ex.log_int_softmax(names[0], attn, None, tokens), {"scores": codes}
+    )
+    reference = kernels.log_int_softmax_codes(
+        torch.from_numpy(codes), attn.lis_exp_table, kernels.lis_prob_table(4),
+        exact_float64=attn.exact_float64 and scale != 1.7,
+    )  # fmt: skip
+    assert np.array_equal(out * 2.0**-15, reference.numpy())
+    if scale == 1.7:
+        assert (out == 0).all(axis=1).any()  # a row of zeros occurred
+
+
+# -- the attention scores' codes -----------------------------------------------------------------
+
+
+def _attention(
+    head_dim: int, s_qkv: float, zp_qkv: int, s_score: float, zp_score: int,
+    grid: str = "uint8", window: tuple[int, int] | None = None,
+) -> IntegerAttention:  # fmt: skip
+    """An integer attention layer with 2 heads of ``head_dim`` and the given points."""
+    attn = IntegerAttention(
+        2 * head_dim, 2, True, get_bit_type("uint8"), get_bit_type("uint4"), True,
+        window_size=window,
+    )  # fmt: skip
+    for point, s, zp in ((attn.qkv_point, s_qkv, zp_qkv), (attn.score_point, s_score, zp_score)):
+        point.scale.fill_(s)
+        point.zero_point.fill_(zp)
+    attn.score_point.bit_type = get_bit_type(grid)
+    return attn
+
+
+@pytest.mark.parametrize(
+    "s_qkv, zp_qkv, s_score, zp_score, grid, window, path",
+    [
+        (0.0431, 131, 0.0377, 117, "uint8", None, "product"),  # fl(step / s) itself
+        (0.013563358899778258, 143, 0.11514606738680391, 122, "uint8", None, "product"),  # its neighbour
+        (0.0352367882187436, 105, 0.10733437539769432, 158, "uint8", None, "division"),  # none fits
+        (0.05, 128, 0.04, 117, "uint8", None, "division"),  # step / s = 2**-5 exactly, and no fit
+        (0.0431, 131, 0.0911, 20, "uint6", None, "product"),  # a narrower grid: clamped
+        (0.0472, 125, 0.0402, 117, "uint8", (2, 2), "product"),  # Swin: (q * scale) @ k^T
+    ],
+)  # fmt: skip
+def test_score_codes_of_every_accumulator(s_qkv, zp_qkv, s_score, zp_score, grid, window, path):
+    """The score codes of every ``q @ k^T`` accumulator a 4-dim head can produce equal the integer
+    model's (``IntegerAttention.score_step``, ``kernels.quantize_float``), whether the graph
+    multiplies by one verified constant or divides as the integer model."""
+    attn = _attention(4, s_qkv, zp_qkv, s_score, zp_score, grid, window)
+    bound = 4 * max(zp_qkv, 255 - zp_qkv) ** 2
+    acc = np.arange(-bound, bound + 1, dtype=np.int32)
+    ops = []
+
+    def build(ex, names):
+        out = ex._score_codes(names[0], attn)
+        ops.extend(n.op_type for n in ex.g.nodes)
+        return out
+
+    out = _run(build, {"acc": acc})
+    point = attn.score_point
+    reference = kernels.quantize_float(
+        torch.from_numpy(acc).to(torch.float32) * attn.score_step(), point.scale,
+        point.zero_point, point.bit_type,
+    )  # fmt: skip
+    assert np.array_equal(out, reference.numpy())
+    assert ("Div" in ops) == (path == "division")
+
+
+@pytest.mark.parametrize(
+    "s_bias, zp_bias, divide",
+    [
+        (0.06, 110, False),  # fl(1 / s) fits
+        (0.08829787525711608, 110, False),  # fl(1 / s) does not fit, its neighbour does
+        (0.06, 110, True),  # no multiplier (forced): the division, as the integer model
+    ],
+)
+def test_swin_bias_codes_of_every_code_and_bias(s_bias, zp_bias, divide, monkeypatch):
+    """Swin: every score code at every position plus the relative position bias, quantized to the
+    bias point, equals the integer model's (``IntegerAttention.scores``)."""
+    if divide:
+        monkeypatch.setattr(_Exporter, "_verified_multiplier", staticmethod(lambda *a: None))
+    attn = _attention(4, 0.05, 128, 0.043, 121, window=(3, 3))
+    g = torch.Generator().manual_seed(0)
+    attn.bias_table_codes.copy_(torch.randint(0, 256, attn.bias_table_codes.shape, generator=g))
+    attn.bias_table_point.scale.fill_(0.021)
+    attn.bias_table_point.zero_point.fill_(131)
+    attn.bias_point.scale.fill_(s_bias)
+    attn.bias_point.zero_point.fill_(zp_bias)
+    tokens = attn.window_area
+    codes = np.broadcast_to(
+        np.arange(256, dtype=np.uint8)[:, None, None, None], (256, 2, tokens, tokens)
+    ).copy()
+    out = _run(lambda ex, names: ex._biased_codes(names[0], attn), {"codes": codes})
+    value = attn.score_point.dequantize(torch.from_numpy(codes)) + attn.relative_bias()
+    point = attn.bias_point
+    reference = kernels.quantize_float(value, point.scale, point.zero_point, point.bit_type)
+    assert np.array_equal(out, reference.numpy())
 
 
 # -- the PTF LayerNorm ---------------------------------------------------------------------------
@@ -462,3 +628,22 @@ def test_integer_layernorm_saturates_huge_offsets(form, monkeypatch):
         norm, in_point, out_point, _ln_codes(16, channels, 121, seed=1), monkeypatch, form
     )
     assert (out[:, 0::2] == 255).all() and (out[:, 1::2] == 0).all()
+
+
+@pytest.mark.parametrize("int64", [False, True])
+def test_masked_pairs_add_the_saturated_exponential_to_the_row_sum(int64):
+    """The tie above plus two masked pairs (Swin) at the top code: their saturated exponential
+    ``int_exp(n x0)`` joins the row sum (as in the integer model), which lifts the maximum's
+    ``S / e`` past 2.5: ``y = 3``, ``r = 2``, by Python integers; the masked pairs get 0."""
+    attn = _attn(0.004, 117, 4, True, 6)
+    attn.exact_float64 = not int64
+    x0 = int(torch.floor(-0.6931 / attn.lis_point().scale))
+    codes = np.array([[255, 255 + x0, 255 + x0, 255 + x0, 255, 255]], np.uint8)
+    mask = np.array([[False, False, False, False, True, True]])
+    out = _run(lambda ex, names: ex.log_int_softmax(names[0], attn, mask, 6), {"scores": codes})
+    table = [int(v) for v in attn.lis_exp_table.tolist()]
+    e = [table[0], table[-x0], table[-x0], table[-x0], table[kernels.MASKED], table[kernels.MASKED]]
+    assert e[-1] > 0
+    expected = [_python_probability(round(Fraction(sum(e), v)), 16) for v in e]
+    assert out.tolist() == [expected]
+    assert expected[0] == 2.0**13  # r = 2 (without the masked pairs' sum: the tie, r = 1)
