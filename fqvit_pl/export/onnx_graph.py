@@ -1019,11 +1019,11 @@ def export_onnx(
 ) -> Any:
     """The ONNX graph (``onnx.ModelProto``) of ``model``'s integer model; written to ``path`` if given.
 
-    ``exact=True`` (default; 0.6-0.75x timm's float graph in ONNX Runtime on this project's CPU,
+    ``exact=True`` (default; 0.87-1.03x timm's float graph in ONNX Runtime on this project's CPU,
     ``benchmarks/onnx_speed.py``): the integer model's arithmetic operation for operation (integer
     PTF LayerNorm, the §8 integer exponential and division), bit for bit given the same GEMM results.
 
-    ``exact=False`` (fast, 1.35-1.75x float): QDQ patterns that ONNX Runtime fuses into ``QGemm`` and
+    ``exact=False`` (fast, 1.3-1.75x float): QDQ patterns that ONNX Runtime fuses into ``QGemm`` and
     ``QLinearMatMul``, ``QuantizeLinear`` rounding ``x / s`` then adding the zero point, float32
     ``LayerNormalization`` on the dequantized PTF codes and Log-Int-Softmax's rounding of
     ``log2(1 / p)`` from ``LogSoftmax``. Its logits differ from the integer model's by about the
