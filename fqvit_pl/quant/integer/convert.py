@@ -241,6 +241,25 @@ def _fill_swin(dst: IntegerSwin, src: nn.Module) -> None:
     _point(dst.logits_point, src.head.logits_quant, "head.logits_quant")
 
 
+def _check_lis_defined(model: nn.Module) -> None:
+    """Log-Int-Softmax needs a nonzero exponential at the row maximum: §8's ``int_exp(0)`` is
+    ``floor(c / s**2) * 2**n`` (``c = 1 / 0.35815147``), 0 for a score scale ``s > 1.67``; then every
+    row sums to 0 and ``S / e`` is undefined (the simulation gives NaN)."""
+    for name, module in model.named_modules():
+        if (
+            isinstance(module, IntegerAttention)
+            and module.lis
+            and float(module.lis_exp_table[0]) == 0
+        ):
+            point = "bias_quant" if module.window_area is not None else "score_quant"
+            scale = float(module.lis_point().scale)
+            raise IntegerConversionError(
+                f"to_integer: {name}.{point} has scale {scale:.3g} > 1.67, where Log-Int-Softmax's "
+                "integer exponential is 0 even at the row maximum: every attention row sums to 0 "
+                "(the simulation gives NaN there); the calibrated attention scores span too wide a range"
+            )
+
+
 def _check_swin_masks(model: IntegerSwin) -> None:
     """The shift mask (-100, added after the bias point) must saturate Log-Int-Softmax's exponential
     and never be a row maximum: true when the bias point's range ``255 * s`` stays below 99."""
@@ -283,9 +302,7 @@ def to_integer(model: nn.Module) -> nn.Module:
     integer.refresh()
     if isinstance(integer, IntegerSwin):
         _check_swin_masks(integer)
-    for module in integer.modules():
-        if isinstance(module, IntegerAttention) and module.lis and not module.exact_float64:
-            pass  # int64 path chosen by refresh_tables: exact, slower
+    _check_lis_defined(integer)
     return integer.to(device).eval()
 
 

@@ -257,6 +257,18 @@ def test_unconvertible_configuration_is_a_named_error():
         to_integer(model)
 
 
+def test_score_scale_without_an_exponential_is_a_named_error():
+    # s = 2 > 1.67: floor((1 / 0.35815147) / s**2) = 0, so §8's exponential is 0 at every row
+    # maximum and every Log-Int-Softmax row sums to 0 (the integer kernels divided 0 by 0).
+    model = create_model("deit_tiny", num_classes=10, model_kwargs=VIT)
+    calibrate(model, [_images(4, 32, 0)])
+    model.blocks[1].attn.score_quant.quantizer.scale.fill_(2.0)
+    with pytest.raises(IntegerConversionError, match=r"blocks\.1\.attn\.score_quant has scale 2 "):
+        to_integer(model)
+    model.blocks[1].attn.score_quant.quantizer.scale.fill_(1.6)  # floor(2.79 / 2.56) = 1: defined
+    to_integer(model)
+
+
 def test_opt_in_layernorm_epsilon_is_refused_by_name():
     # The integer LayerNorm implements the published formula (no epsilon): converting a model
     # calibrated with ln_eps would silently change its outputs.
