@@ -33,15 +33,6 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 PARTS = ("none", "scores", "quantize", "linear", "layernorm", "softmax", "all")
 
 
-def _ieee_sqrt(sqrt: Any) -> Any:
-    def wrapped(x: Any, *args: Any, **kwargs: Any) -> Any:
-        if isinstance(x, torch.Tensor) and x.dtype == torch.float32:
-            return sqrt(x.to(torch.float64), *args, **kwargs).to(torch.float32)
-        return sqrt(x, *args, **kwargs)
-
-    return wrapped
-
-
 def reduced_network(name: str, count: int) -> tuple[torch.nn.Module, torch.Tensor]:
     """The reduced random test network ``name``, calibrated, and ``count`` random images."""
     from export_helpers import ARCHS, calibrated, images
@@ -74,7 +65,9 @@ def measure(label: str, model: torch.nn.Module, x: torch.Tensor) -> list[dict[st
     full = model(x)
     enable_quantization(model)
     error = (simulated - full).norm()
-    sqrt, torch.sqrt = torch.sqrt, _ieee_sqrt(torch.sqrt)
+    from export_helpers import ieee_sqrt
+
+    sqrt, torch.sqrt = torch.sqrt, ieee_sqrt
     try:
         integer = to_integer(model).set_backend("int_mm")
         reference = integer(x)

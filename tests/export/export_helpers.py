@@ -12,6 +12,17 @@ VIT = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2)
 SWIN = dict(img_size=64, patch_size=4, window_size=4, embed_dim=32, depths=(2, 2), num_heads=(2, 4))
 ARCHS = {"deit_tiny": VIT, "vit_base": VIT, "swin_tiny": SWIN}
 
+_TORCH_SQRT = torch.sqrt
+
+
+def ieee_sqrt(x, *args, **kwargs):
+    """``torch.sqrt`` with float32 correctly rounded, as ONNX Runtime's (float64 sqrt rounded once
+    more is exact for float32 inputs); ATen's vectorized float32 sqrt is one ulp off now and then.
+    Put in place of ``torch.sqrt`` to compare the integer model with the ONNX graph bit for bit."""
+    if isinstance(x, torch.Tensor) and x.dtype == torch.float32:
+        return _TORCH_SQRT(x.to(torch.float64), *args, **kwargs).to(torch.float32)
+    return _TORCH_SQRT(x, *args, **kwargs)
+
 
 @torch.no_grad()
 def randomize(model: nn.Module, seed: int) -> nn.Module:

@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from export_helpers import ieee_sqrt
 
 from fqvit_pl.quant.bit_type import get_bit_type
 from fqvit_pl.quant.integer import kernels
@@ -386,15 +387,6 @@ def test_swin_bias_codes_of_every_code_and_bias(s_bias, zp_bias, divide, monkeyp
 
 # -- the PTF LayerNorm ---------------------------------------------------------------------------
 
-_TORCH_SQRT = torch.sqrt
-
-
-def _ieee_sqrt(x, *args, **kwargs):
-    """float32 sqrt correctly rounded, as ONNX Runtime's (see test_onnx_graph.py)."""
-    if isinstance(x, torch.Tensor) and x.dtype == torch.float32:
-        return _TORCH_SQRT(x.to(torch.float64), *args, **kwargs).to(torch.float32)
-    return _TORCH_SQRT(x, *args, **kwargs)
-
 
 def _ln_codes(tokens: int, channels: int, zero_point: int, seed: int) -> np.ndarray:
     """Random tokens plus the extremes: every code at 0 / 255 on alternate channels (the largest
@@ -424,7 +416,7 @@ def _ln_codes(tokens: int, channels: int, zero_point: int, seed: int) -> np.ndar
 def test_integer_layernorm_equals_the_integer_models_kernel(
     channels, factors, out_type, gamma_scale, monkeypatch
 ):
-    monkeypatch.setattr(torch, "sqrt", _ieee_sqrt)
+    monkeypatch.setattr(torch, "sqrt", ieee_sqrt)
     g = torch.Generator().manual_seed(channels)
     k = torch.tensor(factors, dtype=torch.float32)[torch.arange(channels) % len(factors)]
     in_point = _point(0.013 * k, 121)
@@ -476,7 +468,7 @@ def _ln_case(channels: int, factors, gamma, out_type: str, out_scale: float, zp_
 def _ln_check(norm, in_point, out_point, codes: np.ndarray, monkeypatch, form=None):
     """The exported LayerNorm (step 5's form as the exporter decides, or ``form``) against the
     integer model's kernel on ``codes``."""
-    monkeypatch.setattr(torch, "sqrt", _ieee_sqrt)
+    monkeypatch.setattr(torch, "sqrt", ieee_sqrt)
     if form is not None:
         monkeypatch.setattr(_Exporter, "_ln_sum_form", staticmethod(lambda *a: form))
     out = _run(

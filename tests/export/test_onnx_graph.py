@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from export_helpers import ARCHS, calibrated, images, simulated_and_float
+from export_helpers import ARCHS, calibrated, ieee_sqrt, images, simulated_and_float
 
 from fqvit_pl.quant import to_integer
 
@@ -21,15 +21,6 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
 from fqvit_pl.export import export_onnx  # noqa: E402
-
-_TORCH_SQRT = torch.sqrt
-
-
-def _ieee_sqrt(x, *args, **kwargs):
-    """float32 sqrt correctly rounded (float64 sqrt rounded once more is exact for float32 inputs)."""
-    if isinstance(x, torch.Tensor) and x.dtype == torch.float32:
-        return _TORCH_SQRT(x.to(torch.float64), *args, **kwargs).to(torch.float32)
-    return _TORCH_SQRT(x, *args, **kwargs)
 
 
 def _session(proto, optimized_path=None):
@@ -64,7 +55,7 @@ def test_onnx_runtime_computes_the_integer_model_bit_for_bit_per_image(case, mon
     without LIS) rounds differently in the two runtimes' math libraries and moves one code at a
     rounding boundary: rare, and then the image differs by a few code steps."""
     name, kwargs = CASES[case]
-    monkeypatch.setattr(torch, "sqrt", _ieee_sqrt)
+    monkeypatch.setattr(torch, "sqrt", ieee_sqrt)
     integer = to_integer(calibrated(name, **kwargs)).set_backend("int_mm")
     session = _session(export_onnx(integer, exact=True, gemm="u8u8"))
     size = ARCHS[name]["img_size"]
@@ -82,7 +73,7 @@ def test_onnx_runtime_computes_the_integer_model_bit_for_bit_per_image(case, mon
 @torch.no_grad()
 def test_int64_log_int_softmax_path_equals_the_integer_model(name, monkeypatch):
     """Where the row sum may pass 2**53 (large score tables, long rows) both sides divide in int64."""
-    monkeypatch.setattr(torch, "sqrt", _ieee_sqrt)
+    monkeypatch.setattr(torch, "sqrt", ieee_sqrt)
     integer = to_integer(calibrated(name)).set_backend("int_mm")
     for module in integer.modules():
         if getattr(module, "lis", False):
@@ -109,7 +100,7 @@ def test_onnx_runtime_agrees_with_the_integer_model_within_the_issue_bars(name, 
     ort_logits = _run(_session(export_onnx(model, exact=True, gemm="u8u8")), x)
     as_run = to_integer(model)(x)
     assert (ort_logits.argmax(1) == as_run.argmax(1)).float().mean() >= 0.99
-    monkeypatch.setattr(torch, "sqrt", _ieee_sqrt)
+    monkeypatch.setattr(torch, "sqrt", ieee_sqrt)
     exact = to_integer(model).set_backend("int_mm")(x)
     assert (ort_logits - exact).norm() <= 0.05 * (simulated - full).norm()
 
